@@ -1,0 +1,50 @@
+"""All settings in one place: environment variables with prefix ``RLPIPS_`` (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.metric.store import DEFAULT_STORE, ModelStore
+
+
+class Settings(BaseSettings):
+    """Service and CLI settings; every field can be set as ``RLPIPS_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RLPIPS_", extra="ignore")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resolution: int = Field(256, ge=16, le=1024, description="working resolution (square side)")
+    max_batch_pairs: int = Field(32, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    queue_size: int = Field(256, ge=1, description="admission queue bound, in pairs")
+    deadline_s: float = Field(10.0, gt=0, description="per-request deadline")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1, description="per-image decoded pixel limit")
+    max_candidates: int = Field(32, ge=1)
+    decode_threads: int = Field(2, ge=1)
+    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
+    cache_entries: int = Field(1024, ge=0, description="reference feature cache size")
+    model_store: Path = DEFAULT_STORE
+    weights_dir: Path | None = None
+    cache_dir: Path | None = None
+    default_model: str | None = None
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    max_attack_steps: int = Field(100, ge=1)
+    max_attack_epsilon: float = Field(16 / 255, gt=0, le=1)
+    max_attack_jobs: int = Field(2, ge=1)
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def store(self) -> ModelStore:
+        """The model store these settings describe."""
+        return ModelStore(self.model_store, weights_dir=self.weights_dir, cache_dir=self.cache_dir)
