@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -178,14 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=30.0, help="graceful shutdown period, seconds")
     p.set_defaults(func=cmd_serve)
 
-    for register in _extensions():
-        register(sub)
+    evaluate = sub.add_parser("evaluate", help="experiments and benchmarks of the metric")
+    evaluate_sub = evaluate.add_subparsers(dest="evaluate_command", required=True)
+    for module in EXTENSIONS:
+        importlib.import_module(module).register(sub, evaluate_sub)
     return parser
 
 
-def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    """Subcommands that live beside their feature (attacks, training)."""
-    return []
+#: Modules whose ``register(subcommands, evaluate_subcommands)`` adds their own subcommands
+#: (attacks, training), so each feature keeps its CLI beside its code.
+EXTENSIONS: tuple[str, ...] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
