@@ -12,6 +12,7 @@ pass per step. Results are measured on the 8-bit image that would be returned (s
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,10 @@ from app.attacks import (
 )
 from app.imaging import tensor_to_png
 from app.metric.lpips import LPIPS, distance_from_features
+from app.metric.store import ModelStore, WeightsError
 from app.metric.trunks import Trunk
+
+log = logging.getLogger(__name__)
 
 Goal = Literal["evade", "impersonate"]
 GOALS: tuple[Goal, ...] = get_args(Goal)
@@ -306,3 +310,34 @@ def robustness_check(
         if on_step is not None:
             on_step(k)
     return job.spec, job.results()[0]
+
+
+def load_targets(
+    store: ModelStore,
+    names: Sequence[str],
+    device: str | torch.device = "cpu",
+    skip_unavailable: bool = False,
+) -> tuple[list[Target], dict[str, str]]:
+    """Load ``names`` (duplicates dropped) as targets whose models share one trunk object per trunk
+    file (so a batched attack makes one trunk pass for all of them). With ``skip_unavailable`` a model
+    the manifest does not name (yet) or whose weights are missing or corrupt is skipped with a logged
+    warning and returned in ``skipped`` (name → reason); otherwise ``KeyError`` / :class:`WeightsError`
+    propagate."""
+    trunks: dict[str, Trunk] = {}
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        try:
+            entry = store.model(name)
+            trunk = trunks.get(entry.trunk.file) or store.load_trunk(name).to(device)
+            heads = store.load_heads(name).to(device)
+        except (KeyError, WeightsError) as exc:
+            if not skip_unavailable:
+                raise
+            reason = str(exc.args[0] if isinstance(exc, KeyError) else exc)
+            log.warning("skipping model %s: %s", name, reason)
+            skipped[name] = reason
+            continue
+        trunks[entry.trunk.file] = trunk
+        targets.append(Target(name, LPIPS(trunk, heads), entry.threshold))
+    return targets, skipped
