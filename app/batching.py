@@ -1,0 +1,510 @@
+"""Micro-batching and the device worker — generic: nothing here knows about images, HTTP or torch.
+
+* :class:`DeviceWorker` — one thread that owns the device. It runs two lanes of work: *batches* first, then
+  *steps* of long jobs one bounded step at a time (FIFO, so active jobs take turns). A job can delay a batch
+  by at most one step; batches can never be starved by jobs.
+* :class:`MicroBatcher` — the asyncio side of batched work: bounded admission (in item *sizes*, e.g. pairs),
+  per-item deadlines, and one collector task that waits for the first item, then for more until
+  ``max_batch`` or ``max_wait_s`` after that item arrived, and hands the batch to the worker. Items that were
+  cancelled (client gone) or expired are dropped before they reach the worker. Every future is resolved
+  exactly once; an exception in ``process`` fails only that batch's futures.
+* :class:`JobRunner` — runs *step jobs* (iterators whose every ``next()`` is one bounded unit of device work;
+  the job's result is the value carried by ``StopIteration``, i.e. a generator's ``return`` value) on the
+  worker's step lane, at most ``max_jobs`` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+Lane = Literal["batch", "step"]
+
+
+class Overloaded(Exception):
+    """Admission refused: the queue (or the job slots) are full. ``retry_after_s`` is a hint (≥ 1 s)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The item waited past its deadline, before or during device work."""
+
+
+class Draining(Exception):
+    """The batcher is shutting down and accepts no new work."""
+
+
+class WorkerStopped(Exception):
+    """The device worker is not running (never started, stopped or died)."""
+
+
+class BatchObserver(Protocol):
+    """Hooks for metrics; every method must be cheap and must not raise."""
+
+    def queue_depth(self, size: int) -> None: ...
+    def batch_done(self, size: int, waits_s: Sequence[float], device_s: float) -> None: ...
+    def step_done(self, device_s: float) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+
+
+class NullObserver:
+    """A :class:`BatchObserver` that records nothing."""
+
+    def queue_depth(self, size: int) -> None:
+        pass
+
+    def batch_done(self, size: int, waits_s: Sequence[float], device_s: float) -> None:
+        pass
+
+    def step_done(self, device_s: float) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Completed(Generic[R]):
+    """A result with its timings: ``queued_s`` from admission to the device, ``device_s`` on the device."""
+
+    value: R
+    queued_s: float
+    device_s: float
+
+
+# -- device worker ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Task:
+    fn: Callable[[], Any]
+    future: cf.Future[Any]
+
+
+class DeviceWorker:
+    """A single thread that runs every piece of device work; batches have priority over job steps."""
+
+    def __init__(
+        self, name: str = "device-worker", initializer: Callable[[], None] | None = None
+    ) -> None:
+        self._cond = threading.Condition()
+        self._lanes: dict[Lane, deque[_Task]] = {"batch": deque(), "step": deque()}
+        self._stopping = False
+        self._initializer = initializer
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], R], lane: Lane = "batch") -> cf.Future[R]:
+        """Queue ``fn`` on ``lane``; its result or exception arrives in the returned future."""
+        future: cf.Future[R] = cf.Future()
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise WorkerStopped("the device worker is not running")
+            self._lanes[lane].append(_Task(fn, future))
+            self._cond.notify()
+        return future
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Finish queued work, then end the thread (waits up to ``timeout_s``)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def _next(self) -> _Task | None:
+        with self._cond:
+            while True:
+                for lane in ("batch", "step"):
+                    if self._lanes[lane]:
+                        return self._lanes[lane].popleft()
+                if self._stopping:
+                    return None
+                self._cond.wait()
+
+    def _run(self) -> None:
+        try:
+            if self._initializer is not None:
+                self._initializer()
+            while (task := self._next()) is not None:
+                if not task.future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    task.future.set_result(task.fn())
+                except Exception as exc:
+                    task.future.set_exception(exc)
+        except BaseException:
+            log.exception("device worker died")
+            raise
+        finally:
+            with self._cond:
+                self._stopping = True
+                left = [t for lane in self._lanes.values() for t in lane]
+                for lane_tasks in self._lanes.values():
+                    lane_tasks.clear()
+            for t in left:
+                if t.future.set_running_or_notify_cancel():
+                    t.future.set_exception(WorkerStopped("the device worker stopped"))
+
+
+def _timed(fn: Callable[[], R]) -> tuple[R, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# -- micro-batcher ------------------------------------------------------------------------------
+
+_State = Literal["queued", "running", "abandoned", "done"]
+
+
+@dataclass(eq=False)
+class _Item(Generic[T, R]):
+    payload: T
+    size: int
+    enqueued: float
+    deadline: float
+    future: asyncio.Future[Completed[R]]
+    state: _State = "queued"
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class MicroBatcher(Generic[T, R]):
+    """Groups submitted items into batches for ``process(payloads) -> results`` (same order, same length).
+
+    ``process`` runs on the worker's batch lane. Sizes are counted in the caller's unit (pairs): a batch
+    holds at most ``max_batch`` of it, except that an item larger than ``max_batch`` runs alone. Admission
+    refuses an item when the queued size would exceed ``queue_size``.
+    """
+
+    def __init__(
+        self,
+        worker: DeviceWorker,
+        process: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        queue_size: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
+            raise ValueError(
+                f"need max_batch ≥ 1, queue_size ≥ 1, max_wait_s ≥ 0; "
+                f"got {max_batch}, {queue_size}, {max_wait_s}"
+            )
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self._worker = worker
+        self._process = process
+        self._observer: BatchObserver = observer or NullObserver()
+        self._pending: deque[_Item[T, R]] = deque()
+        self._pending_size = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._collector: asyncio.Task[None] | None = None
+        self._seconds_per_unit = 0.0  # EMA of device time per size unit, for Retry-After
+
+    @property
+    def depth(self) -> int:
+        """Queued size (pairs) not yet handed to the device."""
+        return self._pending_size
+
+    @property
+    def alive(self) -> bool:
+        running = self._collector is not None and not self._collector.done()
+        return running and not self._closing and self._worker.alive
+
+    def start(self) -> None:
+        """Start the collector task (call inside the running event loop)."""
+        if self._collector is None:
+            self._collector = asyncio.get_running_loop().create_task(
+                self._collect(), name="micro-batcher"
+            )
+
+    async def submit(
+        self, payload: T, size: int = 1, timeout_s: float | None = None
+    ) -> Completed[R]:
+        """Queue one item and wait for its result.
+
+        Raises :class:`Overloaded` (queue full), :class:`DeadlineExceeded` (``timeout_s`` passed before the
+        result), :class:`Draining`, :class:`WorkerStopped`, or whatever ``process`` raised for the batch.
+        """
+        if size < 1:
+            raise ValueError(f"size must be ≥ 1, got {size}")
+        if self._closing:
+            raise Draining("the service is shutting down")
+        if not self.alive:
+            raise WorkerStopped("the batcher is not running")
+        if self._pending_size + size > self.queue_size:
+            self._observer.rejected("overloaded")
+            raise Overloaded(
+                f"admission queue full ({self._pending_size} of {self.queue_size} queued)",
+                self.retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = math.inf if timeout_s is None else now + max(timeout_s, 0.0)
+        item: _Item[T, R] = _Item(payload, size, now, deadline, loop.create_future())
+        if timeout_s is not None:
+            item.timer = loop.call_at(deadline, self._expire, item)
+        item.future.add_done_callback(lambda _f: self._on_done(item))
+        self._pending.append(item)
+        self._pending_size += size
+        self._observer.queue_depth(self._pending_size)
+        self._wakeup.set()
+        return await item.future
+
+    def retry_after_s(self) -> int:
+        """Seconds until the current queue should have drained (≥ 1)."""
+        return max(1, min(60, math.ceil(self._pending_size * self._seconds_per_unit)))
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Refuse new work, finish queued work (up to ``timeout_s``), then stop the collector."""
+        self._closing = True
+        self._wakeup.set()
+        if self._collector is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._collector), timeout_s)
+        if not self._collector.done():
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+        self._fail_pending(Draining("the service shut down before this request ran"))
+
+    # -- item life cycle ----------------------------------------------------------------------
+
+    def _expire(self, item: _Item[T, R]) -> None:
+        if not item.future.done():
+            item.future.set_exception(DeadlineExceeded("the request waited past its deadline"))
+
+    def _on_done(self, item: _Item[T, R]) -> None:
+        """Account for an item whose future completed; drops it from the queue if still queued."""
+        if item.timer is not None:
+            item.timer.cancel()
+        if item.state in ("queued", "running"):
+            reason = "cancelled" if item.future.cancelled() else "deadline"
+            if item.state == "queued":
+                self._pending_size -= item.size
+                self._observer.queue_depth(self._pending_size)
+            item.state = "abandoned"
+            self._observer.rejected(reason)
+
+    @staticmethod
+    def _live(item: _Item[T, R]) -> bool:
+        """Still waiting for the device (a done future's callback may not have run yet)."""
+        return item.state == "queued" and not item.future.done()
+
+    def _fail_pending(self, exc: Exception) -> None:
+        while self._pending:
+            item = self._pending.popleft()
+            if item.state == "queued" and not item.future.done():
+                item.future.set_exception(exc)
+
+    # -- collector ------------------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        try:
+            while batch := await self._next_batch():
+                await self._run(batch)
+        except Exception:
+            log.exception("micro-batcher collector failed")
+            self._fail_pending(WorkerStopped("the batcher failed"))
+            raise
+
+    async def _next_batch(self) -> list[_Item[T, R]]:
+        """Wait for the first live item, then for more until full or its ``max_wait_s`` passed."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._pending and not self._live(self._pending[0]):
+                self._pending.popleft()
+            if self._pending:
+                break
+            if self._closing:
+                return []
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        flush_at = self._pending[0].enqueued + self.max_wait_s
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(flush_at):
+                while self._pending_size < self.max_batch and not self._closing:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+        return self._take(loop.time())
+
+    def _take(self, now: float) -> list[_Item[T, R]]:
+        batch: list[_Item[T, R]] = []
+        size = 0
+        while self._pending:
+            item = self._pending[0]
+            if not self._live(item):
+                self._pending.popleft()
+                continue
+            if item.deadline <= now:
+                self._expire(item)  # its done-callback drops and counts it
+                self._pending.popleft()
+                continue
+            if batch and size + item.size > self.max_batch:
+                break
+            self._pending.popleft()
+            item.state = "running"
+            self._pending_size -= item.size
+            size += item.size
+            batch.append(item)
+        self._observer.queue_depth(self._pending_size)
+        return batch
+
+    async def _run(self, batch: list[_Item[T, R]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waits = [started - i.enqueued for i in batch]
+        payloads = [i.payload for i in batch]
+        size = sum(i.size for i in batch)
+        try:
+            work = self._worker.submit(lambda: _timed(lambda: self._process(payloads)))
+            results, device_s = await asyncio.wrap_future(work)
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"process returned {len(results)} results for {len(batch)} items"
+                )
+        except asyncio.CancelledError:
+            self._resolve(batch, Draining("the service shut down while this request ran"))
+            raise
+        except Exception as exc:
+            log.warning("batch of %d items failed: %r", len(batch), exc)
+            self._resolve(batch, exc)
+            return
+        self._seconds_per_unit = 0.8 * self._seconds_per_unit + 0.2 * device_s / size
+        self._observer.batch_done(size, waits, device_s)
+        for item, result, wait in zip(batch, results, waits, strict=True):
+            if self._settle(item):
+                item.future.set_result(Completed(result, wait, device_s))
+
+    @staticmethod
+    def _settle(item: _Item[T, R]) -> bool:
+        """Claim a running item for resolution: ``False`` when it was already cancelled or expired."""
+        if item.state != "running" or item.future.done():
+            return False
+        item.state = "done"
+        return True
+
+    @classmethod
+    def _resolve(cls, batch: list[_Item[T, R]], exc: BaseException) -> None:
+        for item in batch:
+            if cls._settle(item):
+                item.future.set_exception(exc)
+
+
+# -- step jobs ------------------------------------------------------------------------------------
+
+_Step = tuple[bool, Any, float]
+
+
+def _one_step(job: Iterator[Any]) -> _Step:
+    """Advance ``job`` once on the device thread: ``(finished, result, seconds)``."""
+    t0 = time.perf_counter()
+    try:
+        next(job)
+    except StopIteration as stop:
+        return True, stop.value, time.perf_counter() - t0
+    return False, None, time.perf_counter() - t0
+
+
+class JobRunner:
+    """Runs step jobs on the worker's step lane, at most ``max_jobs`` at a time."""
+
+    def __init__(
+        self, worker: DeviceWorker, max_jobs: int, observer: BatchObserver | None = None
+    ) -> None:
+        if max_jobs < 1:
+            raise ValueError(f"max_jobs must be ≥ 1, got {max_jobs}")
+        self.max_jobs = max_jobs
+        self._worker = worker
+        self._observer: BatchObserver = observer or NullObserver()
+        self._active = 0
+        self._closing = False
+        self._job_seconds = 1.0  # EMA of a job's wall time, for Retry-After
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def close(self) -> None:
+        """Refuse new jobs (running ones continue)."""
+        self._closing = True
+
+    @overload
+    async def run(
+        self, job: Generator[Any, Any, R], timeout_s: float | None = None
+    ) -> Completed[R]: ...
+    @overload
+    async def run(self, job: Iterator[Any], timeout_s: float | None = None) -> Completed[Any]: ...
+
+    async def run(self, job: Iterator[Any], timeout_s: float | None = None) -> Completed[Any]:
+        """Run ``job`` to its end, one step per turn; batches go first between steps.
+
+        Raises :class:`Overloaded` when ``max_jobs`` jobs are running, :class:`DeadlineExceeded` after
+        ``timeout_s``, or what the job raised. An unfinished job is closed on the worker thread.
+        """
+        if self._closing:
+            raise Draining("the service is shutting down")
+        if self._active >= self.max_jobs:
+            self._observer.rejected("jobs_full")
+            raise Overloaded(
+                f"{self._active} of {self.max_jobs} attack jobs are running",
+                max(1, math.ceil(self._job_seconds)),
+            )
+        self._active += 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        device_s = 0.0
+        finished = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not finished:
+                    work = self._worker.submit(lambda: _one_step(job), lane="step")
+                    finished, result, step_s = await asyncio.wrap_future(work)
+                    device_s += step_s
+                    self._observer.step_done(step_s)
+        except TimeoutError:
+            self._observer.rejected("deadline")
+            raise DeadlineExceeded("the job ran past its deadline") from None
+        except asyncio.CancelledError:
+            self._observer.rejected("cancelled")
+            raise
+        finally:
+            self._active -= 1
+            if not finished:
+                self._close_job(job)
+        wall = loop.time() - started
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * wall
+        return Completed(result, max(0.0, wall - device_s), device_s)
+
+    def _close_job(self, job: Iterator[Any]) -> None:
+        close = getattr(job, "close", None)
+        if callable(close):
+            with contextlib.suppress(WorkerStopped):
+                self._worker.submit(close, lane="step")
