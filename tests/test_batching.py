@@ -10,15 +10,8 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 
 import pytest
 
-from app.batching import (
-    DeadlineExceeded,
-    DeviceWorker,
-    Draining,
-    JobRunner,
-    MicroBatcher,
-    Overloaded,
-    WorkerStopped,
-)
+from app.batching import DeadlineExceeded, Draining, MicroBatcher, Overloaded, WorkerStopped
+from app.worker import DeviceWorker, JobRunner
 
 
 class Recorder:
