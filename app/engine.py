@@ -1,0 +1,272 @@
+"""The model engine: trunks and heads on the device, batched distances, and the reference feature cache.
+
+Trunks are keyed by their trunk *file* id, so every model that shares a trunk file (LPIPS and the heads-only
+R-LPIPS variants) shares one module and one forward pass per image. A batch of :class:`Query` objects
+(one reference, N candidates each) is computed with one trunk pass per *distinct* image per trunk (a
+reference shared by N candidates runs once; references in the LRU cache do not run at all), then every
+requested model's heads. Features are normalised in float32. Everything runs on the caller's thread —
+the device worker's — under a local ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from app.metric.lpips import LPIPS, Heads, distance_from_features, normalize
+from app.metric.store import ModelStore
+from app.metric.trunks import Trunk
+
+log = logging.getLogger(__name__)
+
+Features = list[Tensor]  # L normalised maps [N, C_l, H_l, W_l], float32
+CacheKey = tuple[str, str, tuple[int, int]]  # (content hash, trunk file id, (H, W))
+
+
+def content_key(data: bytes) -> str:
+    """A 128-bit content hash of encoded image bytes (the cache key's first part)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class Image:
+    """A decoded image ready for the device: ``tensor`` ``[3, H, W]`` float32 in ``[-1, 1]`` (CPU)."""
+
+    tensor: Tensor
+    key: str
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request's work: ``reference`` against each of ``candidates`` with model ``model``."""
+
+    model: str
+    reference: Image
+    candidates: tuple[Image, ...]
+    spatial: bool = False
+
+    @property
+    def pairs(self) -> int:
+        return len(self.candidates)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Per candidate: ``distances`` (≥ 0), ``per_layer`` (L values each), ``spatial`` ``[1, H, W]`` maps."""
+
+    distances: list[float]
+    per_layer: list[list[float]]
+    spatial: list[Tensor] | None = None
+
+
+class EngineObserver(Protocol):
+    def cache_lookup(self, hit: bool) -> None: ...
+    def pairs_done(self, model: str, pairs: int) -> None: ...
+
+
+class FeatureCache:
+    """LRU of normalised reference features keyed by (content hash, trunk file, resolution).
+
+    Bounded by ``max_entries`` and ``max_bytes``. Only used from the device thread (not locked).
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[CacheKey, Features] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: CacheKey) -> Features | None:
+        feats = self._data.get(key)
+        if feats is not None:
+            self._data.move_to_end(key)
+        return feats
+
+    def put(self, key: CacheKey, feats: Features) -> None:
+        """Store ``feats`` (each ``[1, C_l, H_l, W_l]``, owning its memory); evicts the oldest."""
+        size = sum(f.numel() * f.element_size() for f in feats)
+        if key in self._data or self.max_entries == 0 or size > self.max_bytes:
+            return
+        self._data[key] = feats
+        self.bytes += size
+        while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
+            _, old = self._data.popitem(last=False)
+            self.bytes -= sum(f.numel() * f.element_size() for f in old)
+
+
+class Engine:
+    """Models ``models`` from ``store`` on ``device`` at working resolution ``resolution`` (square)."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        models: Sequence[str],
+        device: torch.device,
+        resolution: int,
+        cache: FeatureCache | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.store = store
+        self.names = list(dict.fromkeys(models))
+        self.device = device
+        self.resolution = resolution
+        self.cache = cache if cache is not None else FeatureCache(0, 0)
+        self.observer = observer
+        self.trunks: dict[str, Trunk] = {}
+        self.heads: dict[str, Heads] = {}
+        self.trunk_of: dict[str, str] = {}
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load every model's trunk (once per trunk file) and heads onto the device."""
+        for name in self.names:
+            entry = self.store.model(name)
+            trunk_id = entry.trunk.file
+            if trunk_id not in self.trunks:
+                self.trunks[trunk_id] = self.store.load_trunk(name).to(self.device)
+            heads = self.store.load_heads(name).to(self.device)
+            LPIPS(self.trunks[trunk_id], heads)  # validates that the heads fit the trunk
+            self.heads[name] = heads
+            self.trunk_of[name] = trunk_id
+            log.info("loaded %s (trunk %s) on %s", name, trunk_id, self.device)
+
+    def metric(self, name: str) -> LPIPS:
+        """A differentiable :class:`LPIPS` for ``name`` sharing the loaded trunk (for attacks)."""
+        return LPIPS(self.trunks[self.trunk_of[name]], self.heads[name])
+
+    def warmup(self) -> None:
+        """Run every trunk and head once at the working resolution (also the spatial path)."""
+        gen = torch.Generator().manual_seed(0)
+        r = self.resolution
+        imgs = [Image(torch.rand(3, r, r, generator=gen) * 2 - 1, f"warmup-{i}") for i in range(2)]
+        queries = [Query(n, imgs[0], (imgs[1],), spatial=True) for n in self.names]
+        self.compute(queries, use_cache=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- computing ---------------------------------------------------------------------------
+
+    def __call__(self, queries: list[Query]) -> list[Answer]:
+        """Answers for ``queries`` in order (the micro-batcher's ``process``)."""
+        answers = self.compute(queries)
+        if self.observer is not None:
+            for q in queries:
+                self.observer.pairs_done(q.model, q.pairs)
+        return answers
+
+    def compute(self, queries: Sequence[Query], use_cache: bool = True) -> list[Answer]:
+        """Distances for every query; one trunk pass per distinct (uncached) image per trunk."""
+        for q in queries:
+            if q.model not in self.heads:
+                raise KeyError(f"model {q.model!r} is not loaded")
+        out: list[Answer | None] = [None] * len(queries)
+        by_trunk: dict[str, list[int]] = defaultdict(list)
+        for i, q in enumerate(queries):
+            by_trunk[self.trunk_of[q.model]].append(i)
+        with torch.inference_mode():
+            for trunk_id, idx in by_trunk.items():
+                group = [queries[i] for i in idx]
+                for i, answer in zip(
+                    idx, self._trunk_group(trunk_id, group, use_cache), strict=True
+                ):
+                    out[i] = answer
+        return [a for a in out if a is not None]
+
+    def _trunk_group(self, trunk_id: str, queries: list[Query], use_cache: bool) -> list[Answer]:
+        table, rows = self._feature_table(trunk_id, queries, use_cache)
+        answers: list[Answer | None] = [None] * len(queries)
+        by_model: dict[str, list[int]] = defaultdict(list)
+        for i, q in enumerate(queries):
+            by_model[q.model].append(i)
+        for model, idx in by_model.items():
+            group = [queries[i] for i in idx]
+            for i, answer in zip(idx, self._heads_group(model, group, table, rows), strict=True):
+                answers[i] = answer
+        return [a for a in answers if a is not None]
+
+    def _feature_table(
+        self, trunk_id: str, queries: list[Query], use_cache: bool
+    ) -> tuple[Features, dict[str, int]]:
+        """Features of every distinct image of ``queries`` stacked as rows, and each key's row."""
+        todo: dict[str, Tensor] = {}
+        cached: dict[str, Features] = {}
+        refs: set[str] = set()
+        for q in queries:
+            ref = q.reference
+            if ref.key not in todo and ref.key not in cached:
+                hit = self.cache.get(self._cache_key(ref, trunk_id)) if use_cache else None
+                if use_cache and self.observer is not None:
+                    self.observer.cache_lookup(hit is not None)
+                if hit is not None:
+                    cached[ref.key] = hit
+                else:
+                    todo[ref.key] = ref.tensor
+                    refs.add(ref.key)
+            for c in q.candidates:
+                if c.key not in todo and c.key not in cached:
+                    todo[c.key] = c.tensor
+        keys = list(todo) + list(cached)
+        computed = self._features(trunk_id, list(todo.values())) if todo else None
+        table: Features = []
+        for layer in range(len(self.trunks[trunk_id].spec.taps)):
+            parts = [] if computed is None else [computed[layer]]
+            parts += [cached[k][layer] for k in cached]
+            table.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        rows = {k: r for r, k in enumerate(keys)}
+        if use_cache:
+            for q in queries:
+                if q.reference.key in refs:
+                    r = rows[q.reference.key]
+                    feats = [t[r : r + 1].clone() for t in table]
+                    self.cache.put(self._cache_key(q.reference, trunk_id), feats)
+                    refs.discard(q.reference.key)
+        return table, rows
+
+    def _features(self, trunk_id: str, images: list[Tensor]) -> Features:
+        """Normalised float32 features of ``images`` (each ``[3, H, W]`` in ``[-1, 1]``)."""
+        x = torch.stack(images)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        feats = self.trunks[trunk_id](x)
+        return [normalize(f) for f in feats]
+
+    def _heads_group(
+        self, model: str, queries: list[Query], table: Features, rows: dict[str, int]
+    ) -> list[Answer]:
+        ref_rows = [rows[q.reference.key] for q in queries for _ in q.candidates]
+        cand_rows = [rows[c.key] for q in queries for c in q.candidates]
+        i0 = torch.tensor(ref_rows, device=self.device)
+        i1 = torch.tensor(cand_rows, device=self.device)
+        size = None
+        if any(q.spatial for q in queries):
+            h, w = queries[0].reference.tensor.shape[-2:]
+            size = (int(h), int(w))
+        res = distance_from_features(
+            self.heads[model], [t[i0] for t in table], [t[i1] for t in table], size
+        )
+        totals = res.total.cpu().tolist()
+        layers = res.per_layer.cpu().tolist()
+        spatial = res.spatial.cpu() if res.spatial is not None else None
+        answers, start = [], 0
+        for q in queries:
+            end = start + q.pairs
+            maps = list(spatial[start:end]) if q.spatial and spatial is not None else None
+            answers.append(Answer(totals[start:end], layers[start:end], maps))
+            start = end
+        return answers
+
+    def _cache_key(self, image: Image, trunk_id: str) -> CacheKey:
+        return (image.key, trunk_id, (int(image.tensor.shape[-2]), int(image.tensor.shape[-1])))
