@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     decode_threads: int = Field(2, ge=1)
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
     cache_entries: int = Field(1024, ge=0, description="reference feature cache size")
+    cache_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="reference feature cache bound in bytes"
+    )
     model_store: Path = DEFAULT_STORE
     weights_dir: Path | None = None
     cache_dir: Path | None = None

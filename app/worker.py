@@ -62,6 +62,12 @@ class DeviceWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    @property
+    def backlog(self) -> int:
+        """Tasks queued (not running) on both lanes."""
+        with self._cond:
+            return sum(len(lane) for lane in self._lanes.values())
+
     def start(self) -> None:
         self._thread.start()
 

@@ -1,0 +1,77 @@
+"""The FastAPI app factory and its lifespan.
+
+``create_app(settings)`` builds an app with its own settings, model store and metrics registry (so tests can
+build several in one process); uvicorn runs it as ``app.main:create_app`` with ``factory=True``
+(``rlpips serve``). The lifespan loads the configured models on the device thread, warms them at the
+working resolution, starts the micro-batcher, and on shutdown drains queued work before stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+
+from app.api import errors
+from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.api.routes import router
+from app.config import Settings
+from app.service import FileDigests, Runtime, configured_models
+from app.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return version("rlpips-service")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+DESCRIPTION = """Perceptual similarity with LPIPS and the adversarially robust R-LPIPS.
+
+Images are decoded (EXIF orientation applied, alpha composited on white), resized with antialiasing
+to the service's working resolution and compared in micro-batches on the device. Every error has the
+body `{"error": {"code", "message", "field"?}}`."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    runtime = Runtime(app.state.settings, app.state.store, app.state.telemetry)
+    app.state.runtime = runtime
+    try:
+        await runtime.start()
+        log.info("ready: serving %s (default %s)", ", ".join(runtime.models), runtime.default_model)
+        yield
+    finally:
+        await runtime.stop()
+        log.info("stopped")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app; ``settings`` default to the environment (``RLPIPS_*``)."""
+    settings = settings or Settings()
+    store = settings.store()
+    default_model, _ = configured_models(settings, store)  # fail fast on unknown names
+    app = FastAPI(
+        title="R-LPIPS similarity service",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.default_model = default_model
+    app.state.digests = FileDigests(store)
+    app.state.telemetry = Telemetry()
+    app.state.runtime = None
+    app.include_router(router)
+    endpoints = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    errors.install(app)  # handlers + the catch-all 500 middleware (outside the body limit)
+    app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry, endpoints=endpoints)
+    return app

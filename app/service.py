@@ -1,0 +1,168 @@
+"""The serving runtime: engine, device worker, micro-batcher, job runner and decode pool of one app.
+
+Created and started by the app's lifespan (:mod:`app.main`); the routes reach it through
+``request.app.state.runtime``. Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.batching import MicroBatcher
+from app.cli import pick_device
+from app.config import Settings
+from app.engine import Answer, Engine, FeatureCache, Image, Query, content_key
+from app.imaging import DecodeLimits, load_tensor
+from app.metric.store import ModelStore, file_hashes
+from app.telemetry import Telemetry
+from app.worker import DeviceWorker, JobRunner
+
+log = logging.getLogger(__name__)
+
+#: Always loaded beside the default model (the reference point of every comparison).
+BASELINE_MODEL = "lpips-alex"
+
+
+def configured_models(settings: Settings, store: ModelStore) -> tuple[str, list[str]]:
+    """``(default model, models to load)``: ``settings.models`` or ``[default, lpips-alex]``, with the
+    default always included, deduplicated. Raises ``KeyError`` for a name the store does not know."""
+    default = settings.default_model or store.manifest.default
+    names = list(dict.fromkeys([default, *(settings.models or [BASELINE_MODEL])]))
+    for name in names:
+        store.model(name)
+    return default, names
+
+
+class FileDigests:
+    """sha256 of each verified model file, computed once per (path, size, mtime)."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self._memo: dict[tuple[str, int, int], str] = {}
+
+    def describe(self, file_id: str) -> dict[str, Any]:
+        """``{"path", "sha256", "available"}`` for one manifest file."""
+        entry = self.store.manifest.files[file_id]
+        listed = next((d.value for d in entry.digests if d.kind == "sha256"), None)
+        path = self.store.status(file_id).path
+        if path is None:
+            return {"path": entry.filename, "sha256": listed, "available": False}
+        return {"path": path.name, "sha256": self._sha256(path), "available": True}
+
+    def _sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._memo:
+            self._memo[key] = file_hashes(path)[0]
+        return self._memo[key]
+
+
+def describe_models(
+    store: ModelStore, digests: FileDigests, loaded: set[str], default: str
+) -> list[dict[str, Any]]:
+    """Every model of the store as ``GET /models`` lists it (exactly one ``default``)."""
+    out = []
+    for name, m in store.manifest.models.items():
+        out.append(
+            {
+                "name": name,
+                "trunk": m.trunk.arch,
+                "variant": m.variant,
+                "source": m.source,
+                "files": [digests.describe(f) for f in store.files_of(name)],
+                "threshold": m.threshold,
+                "loaded": name in loaded,
+                "default": name == default,
+            }
+        )
+    return out
+
+
+class Runtime:
+    """Everything that serves requests; ``start()`` loads and warms the models on the device thread."""
+
+    def __init__(self, settings: Settings, store: ModelStore, telemetry: Telemetry) -> None:
+        self.settings = settings
+        self.store = store
+        self.telemetry = telemetry
+        self.default_model, self.models = configured_models(settings, store)
+        self.device = pick_device(settings.device)
+        self.resolution = settings.resolution
+        self.limits = DecodeLimits(max_pixels=settings.max_pixels)
+        cache = FeatureCache(settings.cache_entries, settings.cache_bytes)
+        self.engine = Engine(store, self.models, self.device, settings.resolution, cache, telemetry)
+        self.worker = DeviceWorker("rlpips-device", initializer=self._init_device_thread)
+        self.batcher: MicroBatcher[Query, Answer] = MicroBatcher(
+            self.worker,
+            self.engine,
+            max_batch=settings.max_batch_pairs,
+            max_wait_s=settings.max_wait_ms / 1000,
+            queue_size=settings.queue_size,
+            observer=telemetry,
+        )
+        self.jobs = JobRunner(self.worker, settings.max_attack_jobs, telemetry)
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, "rlpips-decode")
+        self.started = False
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        """Models loaded and warmed, worker and batcher alive, not shutting down."""
+        return self.started and not self.draining and self.batcher.alive
+
+    @property
+    def loaded(self) -> set[str]:
+        return set(self.engine.heads)
+
+    def threshold(self, model: str) -> float:
+        return self.store.model(model).threshold
+
+    def _init_device_thread(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        self.engine.load()
+        self.engine.warmup()
+        log.info(
+            "models %s loaded and warmed on %s at %dx%d in %.1f s",
+            ", ".join(self.models),
+            self.device,
+            self.resolution,
+            self.resolution,
+            time.perf_counter() - t0,
+        )
+
+    async def start(self) -> None:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        self.worker.start()
+        await asyncio.wrap_future(self.worker.submit(self._load))
+        for name in self.models:
+            self.telemetry.model_loaded(name, self.engine.trunk_of[name], str(self.device))
+        self.telemetry.watch_device(self.device)
+        self.batcher.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        """Refuse new work, finish queued work (bounded by the request deadline), stop the threads."""
+        self.draining = True
+        self.jobs.close()
+        await self.batcher.close(timeout_s=self.settings.deadline_s)
+        await asyncio.to_thread(self.worker.stop, self.settings.deadline_s)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def prepare(self, data: bytes) -> Image:
+        """Decode + resize one image to the working resolution (runs in the decode pool)."""
+        t0 = time.perf_counter()
+        image = Image(load_tensor(data, self.resolution, self.limits), content_key(data))
+        self.telemetry.decoded(time.perf_counter() - t0)
+        return image

@@ -1,0 +1,102 @@
+"""Helpers for the API tests: an app run through its lifespan, metric lookup, sample payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.config import Settings
+from app.main import create_app
+from app.service import Runtime
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+IMAGENET = SHARED / "images" / "imagenet-sample"
+
+
+def settings(weights_dir: Path, **kw: Any) -> Settings:
+    """Test settings: 64×64 working resolution unless overridden, offline weights, fast flushes."""
+    base: dict[str, Any] = {
+        "resolution": 64,
+        "weights_dir": weights_dir,
+        "max_wait_ms": 20,
+        "models": ["lpips-alex"],
+    }
+    return Settings(**(base | kw))
+
+
+@asynccontextmanager
+async def serve(s: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    """An app with ``s``, started through its lifespan, and a client talking to it over ASGI."""
+    app = create_app(s)
+    async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client, app
+
+
+def runtime(app: FastAPI) -> Runtime:
+    rt: Runtime = app.state.runtime
+    return rt
+
+
+def jpegs(n: int, start: int = 0) -> list[bytes]:
+    """``n`` real ImageNet JPEGs (bytes)."""
+    files = sorted(IMAGENET.glob("*.JPEG"))[start : start + n]
+    assert len(files) == n, f"need {n} images in {IMAGENET}"
+    return [f.read_bytes() for f in files]
+
+
+def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def multipart(reference: bytes, *candidates: bytes) -> list[tuple[str, tuple[str, bytes]]]:
+    files = [("reference", ("ref.jpg", reference))]
+    files += [("candidate", (f"c{i}.jpg", c)) for i, c in enumerate(candidates)]
+    return files
+
+
+def metric(text: str, name: str, /, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels`` (0 when none)."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` until it holds (fails the test after ``timeout_s``)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def hold_device(rt: Runtime) -> threading.Event:
+    """Occupy the device thread until the returned event is set (a fake long batch).
+
+    Returns once the fake batch is running, so ``rt.worker.backlog`` counts only real work after it.
+    """
+    gate, running = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        running.set()
+        gate.wait(60)
+
+    rt.worker.submit(hold)
+    assert running.wait(30), "the device worker did not pick up the fake batch"
+    return gate

@@ -1,0 +1,156 @@
+"""The API under pressure (ASGI): 429 overload, 504 deadline, client disconnects, worker death,
+draining — and agreement with ``rlpips distance --resolution 256``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.cli import main as cli_main
+from tests.apiutil import (
+    IMAGENET,
+    hold_device,
+    jpegs,
+    metric,
+    multipart,
+    runtime,
+    serve,
+    settings,
+    until,
+)
+
+
+async def test_full_queue_answers_429_with_retry_after(weights_dir: Path) -> None:
+    imgs = jpegs(3)
+    async with serve(settings(weights_dir, queue_size=2, max_wait_ms=0)) as (client, app):
+        rt = runtime(app)
+        gate = hold_device(rt)
+        try:
+            first = asyncio.ensure_future(client.post("/distance", files=multipart(*imgs[:2])))
+            await until(lambda: rt.worker.backlog == 1)  # first is waiting for the held device
+            queued = asyncio.ensure_future(client.post("/distance", files=multipart(*imgs)))
+            await until(lambda: rt.batcher.depth == 2)
+            r = await client.post("/distance", files=multipart(*imgs[:2]))
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["code"] == "overloaded"
+            assert int(r.headers["retry-after"]) >= 1
+        finally:
+            gate.set()
+        assert (await first).status_code == 200 and (await queued).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert metric(text, "rlpips_rejected_total", reason="overloaded") == 1
+        assert metric(text, "rlpips_requests_total", endpoint="/distance", status="429") == 1
+
+
+async def test_deadline_gives_504_and_the_work_never_runs(weights_dir: Path) -> None:
+    imgs = jpegs(2)
+    async with serve(settings(weights_dir, deadline_s=1.0, max_wait_ms=0)) as (client, app):
+        rt = runtime(app)
+        gate = hold_device(rt)
+        try:
+            first = asyncio.ensure_future(client.post("/distance", files=multipart(*imgs)))
+            await until(lambda: rt.worker.backlog == 1)  # first waits for the held device
+            r = await client.post("/distance", files=multipart(imgs[1], imgs[0]))
+        finally:
+            gate.set()
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        assert (await first).status_code == 504  # it waited on the device past its deadline too
+        telemetry = app.state.telemetry
+        await until(lambda: metric(telemetry.render().decode(), "rlpips_batch_size_count") == 1)
+        text = (await client.get("/metrics")).text
+        assert metric(text, "rlpips_rejected_total", reason="deadline") == 2
+        assert metric(text, "rlpips_pairs_total", model="lpips-alex") == 1  # only `first` ran
+
+
+async def test_disconnected_client_is_skipped_and_counted(weights_dir: Path) -> None:
+    imgs = jpegs(2)
+    async with serve(settings(weights_dir, max_wait_ms=0)) as (client, app):
+        rt = runtime(app)
+        gate = hold_device(rt)
+        filler = asyncio.ensure_future(client.post("/distance", files=multipart(*imgs)))
+        await until(lambda: rt.worker.backlog == 1)  # the next request will stay queued
+        request = httpx.Request("POST", "http://test/distance", files=multipart(imgs[1], imgs[0]))
+        body = request.read()
+        gone = asyncio.Event()
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/distance",
+            "raw_path": b"/distance",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+            "client": ("127.0.0.1", 5000),
+            "server": ("test", 80),
+        }
+        call = asyncio.ensure_future(app(scope, receive, send))
+        await until(lambda: rt.batcher.depth == 1)
+        gone.set()
+        await asyncio.wait_for(call, 10)
+        assert rt.batcher.depth == 0
+        gate.set()
+        assert (await filler).status_code == 200
+        assert sent[0]["status"] == 499
+        text = (await client.get("/metrics")).text
+        assert metric(text, "rlpips_rejected_total", reason="cancelled") == 1
+        assert (
+            metric(text, "rlpips_pairs_total", model="lpips-alex") == 1
+        )  # never reached the model
+
+
+async def test_worker_death_and_draining_turn_readiness_off(weights_dir: Path) -> None:
+    imgs = jpegs(2)
+    async with serve(settings(weights_dir)) as (client, app):
+        rt = runtime(app)
+        assert (await client.get("/readyz")).status_code == 200
+        rt.worker.stop(timeout_s=10)
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        r = await client.post("/distance", files=multipart(*imgs))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        rt.draining = True
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+        assert (await client.get("/healthz")).status_code == 200
+
+
+def test_http_agrees_with_the_cli_at_256(
+    weights_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = sorted(IMAGENET.glob("*.JPEG"))[10:13]
+    cli = []
+    for f in files[1:]:
+        assert cli_main(["distance", str(files[0]), str(f), "--resolution", "256", "--json"]) == 0
+        cli.append(json.loads(capsys.readouterr().out)["distance"])
+
+    async def over_http() -> list[float]:
+        s = settings(weights_dir, resolution=256)
+        async with serve(s) as (client, _):
+            data = [f.read_bytes() for f in files]
+            r = await client.post("/distance", files=multipart(*data))
+            assert r.status_code == 200 and r.json()["resolution"] == [256, 256]
+            return [x["distance"] for x in r.json()["results"]]
+
+    http = asyncio.run(over_http())
+    assert http == pytest.approx(cli, abs=1e-4)
+    assert min(cli) > 0.1
