@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules whose ``register(subcommands, evaluate_subcommands)`` adds their own subcommands
 #: (attacks, training), so each feature keeps its CLI beside its code.
-EXTENSIONS: tuple[str, ...] = ("app.calibration", "app.attack_cli")
+EXTENSIONS: tuple[str, ...] = ("app.calibration", "app.attack_cli", "app.training.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
