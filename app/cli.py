@@ -124,9 +124,19 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    """Uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown: end with status 0, no trace."""
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
+    logging.getLogger("app").setLevel(args.log_level.upper())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_after_shutdown)
     uvicorn.run(
         "app.main:create_app",
         factory=True,
