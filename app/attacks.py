@@ -212,8 +212,8 @@ def _l2_feasible(q: Tensor, x: Tensor, epsilon: float) -> Tensor:
     return l2_norms(q - x) <= epsilon
 
 
-def _levels(x: Tensor) -> Tensor:
-    """Nearest 8-bit level of every pixel, as a float in ``[0, 1]``."""
+def to_levels(x: Tensor) -> Tensor:
+    """Nearest 8-bit level ``k / 255`` of every pixel of ``x`` (in [0, 1]), exactly, in float64."""
     return (x.double() * LEVELS).round().clamp(0, LEVELS) / LEVELS
 
 
@@ -225,29 +225,30 @@ def quantize(x_adv: Tensor, x: Tensor, norm: Norm, epsilon: float) -> Tensor:
     for ε ≥ 0.5/255). L2: the perturbation is scaled by the largest ``s ∈ [0, 1]`` (bisection, per sample)
     whose rounding stays in the ball. If no 8-bit image lies within ε of ``x`` (tiny ε and ``x`` off the
     levels) the nearest 8-bit image is returned; measure the result with :func:`perturbation_norms`.
-    Returns float32 values ``k / 255``.
+    Returns ``x``'s dtype; ``to_levels(result)`` recovers the exact levels ``k / 255`` in float64 (what a
+    PNG holds, and what the ball check above is made on).
     """
     _check_norm(norm)
     if x_adv.shape != x.shape:
         raise ValueError(f"x_adv {list(x_adv.shape)} and x {list(x.shape)} differ in shape")
     xd, ad = x.detach().double(), x_adv.detach().double()
     if norm == "linf":
-        lo = torch.ceil(((xd - epsilon).clamp_min(0) * LEVELS) - 1e-9)
-        hi = torch.floor(((xd + epsilon).clamp_max(1) * LEVELS) + 1e-9)
+        lo = torch.ceil((xd - epsilon).clamp_min(0) * LEVELS)
+        hi = torch.floor((xd + epsilon).clamp_max(1) * LEVELS)
         k = torch.minimum(torch.maximum((ad * LEVELS).round(), lo), hi)
         k = torch.where(lo <= hi, k, (xd * LEVELS).round())
         return (k / LEVELS).to(x.dtype)
     delta = ad - xd
     ok_lo = torch.zeros(x.shape[0], dtype=torch.double, device=x.device)
     hi = torch.ones_like(ok_lo)
-    full = _levels(ad)
+    full = to_levels(ad)
     done = _l2_feasible(full, xd, epsilon)
     for _ in range(20):
         mid = (ok_lo + hi) / 2
-        feasible = _l2_feasible(_levels(xd + mid.view(-1, 1, 1, 1) * delta), xd, epsilon)
+        feasible = _l2_feasible(to_levels(xd + mid.view(-1, 1, 1, 1) * delta), xd, epsilon)
         ok_lo = torch.where(feasible, mid, ok_lo)
         hi = torch.where(feasible, hi, mid)
-    best = _levels(xd + ok_lo.view(-1, 1, 1, 1) * delta)
+    best = to_levels(xd + ok_lo.view(-1, 1, 1, 1) * delta)
     return torch.where(done.view(-1, 1, 1, 1), full, best).to(x.dtype)
 
 

@@ -28,6 +28,7 @@ from app.attacks import (
     perturbation_norms,
     pgd_steps,
     quantize,
+    to_levels,
 )
 from app.imaging import tensor_to_png
 from app.metric.lpips import LPIPS, distance_from_features
@@ -279,7 +280,7 @@ class RobustnessJob:
             clean = self._objective.distance(x).tolist()
             adv = self._objective.distance(q).tolist()
             raw = self._objective.distance(self._final).tolist()
-            linf, l2 = (v.tolist() for v in perturbation_norms(q, x))
+            linf, l2 = (v.tolist() for v in perturbation_norms(to_levels(q), x))
         n_pairs = self.references.shape[0]
         out: list[list[ModelResult]] = [[] for _ in range(n_pairs)]
         for m, t in enumerate(self.targets):
