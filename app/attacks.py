@@ -29,7 +29,7 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
 
 
-def _check_pixels(x: Tensor, name: str = "x") -> None:
+def check_pixels(x: Tensor, name: str = "x") -> None:
     """Raise ``ValueError`` unless ``x`` is a float ``[N, 3, H, W]`` tensor in ``[0, 1]``."""
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"{name} must have shape [N, 3, H, W], got {list(x.shape)}")
@@ -120,15 +120,20 @@ def _gradient(loss_fn: LossFn, x: Tensor, delta: Tensor) -> Tensor:
     return grad
 
 
-def _check_args(x: Tensor, norm: Norm, epsilon: float, steps: int, step_size: float) -> None:
+def check_params(norm: str, epsilon: float, steps: int, step_size: float) -> None:
+    """Raise ``ValueError`` naming the first bad attack parameter (ε in [0, 1], steps ≥ 0, step > 0)."""
     _check_norm(norm)
-    _check_pixels(x)
     if not (math.isfinite(epsilon) and 0 <= epsilon <= 1):
         raise ValueError(f"epsilon must be in [0, 1] (pixel units), got {epsilon}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not (math.isfinite(step_size) and step_size > 0):
         raise ValueError(f"step_size must be > 0, got {step_size}")
+
+
+def _check_args(x: Tensor, norm: Norm, epsilon: float, steps: int, step_size: float) -> None:
+    check_params(norm, epsilon, steps, step_size)
+    check_pixels(x)
 
 
 def _init(

@@ -22,8 +22,11 @@ import torch
 from torch import Tensor
 
 from app.attacks import (
+    NORMS,
     LossFn,
     Norm,
+    check_params,
+    check_pixels,
     default_step_size,
     perturbation_norms,
     pgd_steps,
@@ -69,11 +72,14 @@ class AttackSpec:
     def resolved(self) -> AttackSpec:
         if self.goal not in GOALS:
             raise ValueError(f"goal must be one of {', '.join(GOALS)}, got {self.goal!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"attack must be one of {', '.join(NORMS)}, got {self.norm!r}")
         eps = DEFAULT_EPSILON[self.norm] if self.epsilon is None else self.epsilon
         step = self.step_size
         if step is None:
             step = default_step_size(self.norm, eps, max(self.steps, 1))
         seed = secrets.randbits(63) if self.seed is None else self.seed
+        check_params(self.norm, eps, self.steps, step)
         return AttackSpec(self.norm, eps, self.steps, step, self.goal, self.random_start, seed)
 
     def as_dict(self) -> dict[str, Any]:
@@ -228,6 +234,9 @@ class RobustnessJob:
                 f"reference {list(references.shape)} and candidate {list(candidates.shape)} "
                 "differ in shape"
             )
+        check_pixels(references, "reference")
+        if candidates is not None:
+            check_pixels(candidates, "candidate")
         self.device = devices.pop()
         self.targets = list(targets)
         self.spec = spec.resolved()

@@ -295,3 +295,23 @@ def test_attack_on_cuda(store: ModelStore, images_dir: Path) -> None:
     _, (ref_res,) = robustness_check(ref, None, [Target("lpips-alex", cpu, 0.2)], spec)
     # same seed → same random start on both devices; the attack reaches a similar strength
     assert res.adversarial_distance == pytest.approx(ref_res.adversarial_distance, rel=0.25)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (AttackSpec(norm="l1"), "attack"),  # type: ignore[arg-type]
+        (AttackSpec(goal="steal"), "goal"),  # type: ignore[arg-type]
+        (AttackSpec(epsilon=1.5), "epsilon"),
+        (AttackSpec(steps=-2), "steps"),
+        (AttackSpec(step_size=-0.1), "step_size"),
+    ],
+)
+def test_bad_specs_and_images_fail_at_construction(
+    alex: LPIPS, spec: AttackSpec, match: str
+) -> None:
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=match):
+        RobustnessJob(x, None, [Target("a", alex, 0.1)], spec)
+    with pytest.raises(ValueError, match="reference values must lie in"):
+        RobustnessJob(2 * x - 1, None, [Target("a", alex, 0.1)])
