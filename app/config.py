@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     max_attack_steps: int = Field(100, ge=1)
     max_attack_epsilon: float = Field(16 / 255, gt=0, le=1)
+    max_attack_epsilon_l2: float = Field(4.0, gt=0, description="L2 ε cap, [0, 1] pixel units")
     max_attack_jobs: int = Field(2, ge=1)
 
     @field_validator("models", "api_keys", mode="before")

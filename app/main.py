@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
-from app.api import errors
+from app.api import errors, robustness
 from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.api.routes import router
 from app.config import Settings
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.telemetry = Telemetry()
     app.state.runtime = None
     app.include_router(router)
+    app.include_router(robustness.router)
     endpoints = {getattr(r, "path", "") for r in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     errors.install(app)  # handlers + the catch-all 500 middleware (outside the body limit)
