@@ -44,9 +44,13 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Imag
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError("invalid_image", "the data is not an image in a known format") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError("image_too_large", str(exc)) from None
-    except (Image.DecompressionBombWarning, OSError, ValueError, SyntaxError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            "image_too_large",
+            f"the image header declares too many pixels (over the limit of {limits.max_pixels}); "
+            f"refused before decoding: {exc}",
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError("invalid_image", f"cannot read the image header: {exc}") from None
     if img.format not in limits.formats:
         raise ImageError(

@@ -75,13 +75,18 @@ def _options(raw: dict[str, object]) -> DistanceOptions:
         raise ApiError.from_validation(exc) from None
 
 
-async def _read_multipart(request: Request, max_candidates: int) -> DistanceInput:
+async def read_form(request: Request, max_files: int) -> FormData:
+    """The multipart form (400 ``invalid_multipart`` when it cannot be parsed); close it after use."""
     try:
-        form = await request.form(max_files=max_candidates + 8, max_fields=32)
+        return await request.form(max_files=max_files, max_fields=32)
     except StarletteHTTPException as exc:
         raise ApiError(
             "invalid_multipart", f"cannot parse the multipart body: {exc.detail}"
         ) from None
+
+
+async def _read_multipart(request: Request, max_candidates: int) -> DistanceInput:
+    form = await read_form(request, max_candidates + 8)
     try:
         return await _from_form(form, max_candidates)
     finally:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import UploadFile
 
 from app.api.errors import ApiError
-from app.api.inputs import b64decode, decode_images, media_type
+from app.api.inputs import b64decode, decode_images, media_type, read_form
 from app.api.routes import ReadyRuntime, until_disconnect
 from app.api.schemas import _PNG_1PX, ERROR_RESPONSES
 from app.robustness import AttackSpec, ModelResult, RobustnessJob, Target
@@ -99,7 +99,7 @@ async def _read(request: Request) -> tuple[bytes, bytes | None, RobustnessOption
 
 
 async def _read_form(request: Request) -> tuple[bytes, bytes | None, RobustnessOptions]:
-    form = await request.form(max_files=4, max_fields=32)
+    form = await read_form(request, max_files=4)
     try:
         unknown = sorted(set(form.keys()) - {"reference", "candidate", *OPTION_FIELDS})
         if unknown:
