@@ -14,6 +14,7 @@ import hashlib
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,7 +106,12 @@ class FeatureCache:
 
 
 class Engine:
-    """Models ``models`` from ``store`` on ``device`` at working resolution ``resolution`` (square)."""
+    """Models ``models`` from ``store`` on ``device`` at working resolution ``resolution`` (square).
+
+    ``streams`` > 1 (CPU): each trunk pass is split into that many chunks run concurrently from a small
+    thread pool (inter-op parallelism; use with 1 intra-op thread). On a few shared cores this keeps
+    every core busy without the barrier stalls of multi-threaded kernels.
+    """
 
     def __init__(
         self,
@@ -115,6 +121,7 @@ class Engine:
         resolution: int,
         cache: FeatureCache | None = None,
         observer: EngineObserver | None = None,
+        streams: int = 1,
     ) -> None:
         self.store = store
         self.names = list(dict.fromkeys(models))
@@ -122,6 +129,8 @@ class Engine:
         self.resolution = resolution
         self.cache = cache if cache is not None else FeatureCache(0, 0)
         self.observer = observer
+        self.streams = streams
+        self._pool = ThreadPoolExecutor(streams, "rlpips-stream") if streams > 1 else None
         self.trunks: dict[str, Trunk] = {}
         self.heads: dict[str, Heads] = {}
         self.trunk_of: dict[str, str] = {}
@@ -240,8 +249,12 @@ class Engine:
             x = x.pin_memory().to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
-        feats = self.trunks[trunk_id](x)
-        return [normalize(f) for f in feats]
+        trunk = self.trunks[trunk_id]
+        if self._pool is None or x.shape[0] < 2:
+            return _forward(trunk, x)
+        chunks = x.tensor_split(min(self.streams, x.shape[0]))
+        parts = list(self._pool.map(lambda c: _forward(trunk, c), chunks))
+        return [torch.cat([p[layer] for p in parts]) for layer in range(len(parts[0]))]
 
     def _heads_group(
         self, model: str, queries: list[Query], table: Features, rows: dict[str, int]
@@ -270,3 +283,9 @@ class Engine:
 
     def _cache_key(self, image: Image, trunk_id: str) -> CacheKey:
         return (image.key, trunk_id, (int(image.tensor.shape[-2]), int(image.tensor.shape[-1])))
+
+
+def _forward(trunk: Trunk, x: Tensor) -> Features:
+    """Normalised features of ``x`` ``[N, 3, H, W]``; inference mode is per thread, so set it here."""
+    with torch.inference_mode():
+        return [normalize(f) for f in trunk(x)]

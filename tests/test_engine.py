@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,30 @@ def test_cache_is_bounded_by_entries_and_bytes() -> None:
     for k in "abc":
         small.put((k, "t", (2, 2)), [f.clone() for f in one])
     assert len(small) == 2 and small.bytes == 128
+
+
+def test_concurrent_streams_give_the_same_answers(
+    store: ModelStore, engine: Engine, images: list[Image]
+) -> None:
+    streamed = Engine(store, ["lpips-alex"], torch.device("cpu"), RES, streams=3)
+    streamed.load()
+    a, b, c, d, e, f = images
+    queries = [Query("lpips-alex", a, (b, c, d)), Query("lpips-alex", e, (f, a), spatial=True)]
+    threads: set[str] = set()
+    hook = streamed.trunks["alexnet-imagenet"].register_forward_hook(
+        lambda *_: threads.add(threading.current_thread().name)
+    )
+    try:
+        got = streamed.compute(queries, use_cache=False)
+    finally:
+        hook.remove()
+    want = engine.compute(queries, use_cache=False)
+    assert len(threads) == 3 and all(t.startswith("rlpips-stream") for t in threads)
+    for g, w in zip(got, want, strict=True):
+        assert g.distances == pytest.approx(w.distances, abs=1e-5)
+        torch.testing.assert_close(torch.tensor(g.per_layer), torch.tensor(w.per_layer))
+    assert got[1].spatial is not None and want[1].spatial is not None
+    torch.testing.assert_close(torch.stack(got[1].spatial), torch.stack(want[1].spatial))
 
 
 def test_inference_mode_stays_local(engine: Engine, images: list[Image]) -> None:
