@@ -4,8 +4,10 @@
 e.g. pairs), per-item deadlines, and one collector task that waits for the first item, then for more until
 ``max_batch`` or ``max_wait_s`` after that item arrived, and hands the batch to the device worker
 (:mod:`app.worker`) — one batch at a time. Items that were cancelled (client gone) or expired are dropped
-before they reach the device. Every future is resolved exactly once; an exception in ``process`` fails only
-that batch's futures. The errors and hooks shared with the worker live here too.
+before they reach the device, also when that happens while their batch waits for the device thread. Every future is resolved exactly once; an exception in ``process`` fails only
+that batch's futures, except that a failure the ``split_on`` predicate accepts (device out of memory) is
+retried as two half batches first. ``failing`` turns on after ``max_failures`` consecutive failed batches.
+The errors and hooks shared with the worker live here too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar, cast
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +92,21 @@ class Completed(Generic[R]):
     device_s: float
 
 
-def _timed(fn: Callable[[], R]) -> tuple[R, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 _State = Literal["queued", "running", "abandoned", "done"]
+
+
+class _Skipped:
+    """The item was no longer wanted when the device got to it."""
+
+
+_SKIPPED = _Skipped()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """The device failed this item (the exception is raised to its caller)."""
+
+    error: Exception
 
 
 @dataclass(eq=False)
@@ -127,6 +137,8 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: float,
         queue_size: int,
         observer: BatchObserver | None = None,
+        split_on: Callable[[BaseException], bool] | None = None,
+        max_failures: int = 3,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError(
@@ -145,11 +157,19 @@ class MicroBatcher(Generic[T, R]):
         self._closing = False
         self._collector: asyncio.Task[None] | None = None
         self._seconds_per_unit = 0.0  # EMA of device time per size unit, for Retry-After
+        self._split_on = split_on or (lambda _exc: False)
+        self.max_failures = max_failures
+        self.failures = 0  # consecutive batches whose every item failed
 
     @property
     def depth(self) -> int:
         """Queued size (pairs) not yet handed to the device."""
         return self._pending_size
+
+    @property
+    def failing(self) -> bool:
+        """The last ``max_failures`` batches all failed (the device is likely broken)."""
+        return self.failures >= self.max_failures
 
     @property
     def alive(self) -> bool:
@@ -173,16 +193,7 @@ class MicroBatcher(Generic[T, R]):
         """
         if size < 1:
             raise ValueError(f"size must be ≥ 1, got {size}")
-        if self._closing:
-            raise Draining("the service is shutting down")
-        if not self.alive:
-            raise WorkerStopped("the batcher is not running")
-        if self._pending_size + size > self.queue_size:
-            self._observer.rejected("overloaded")
-            raise Overloaded(
-                f"admission queue full ({self._pending_size} of {self.queue_size} queued)",
-                self.retry_after_s(),
-            )
+        self.check_admission(size)
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = math.inf if timeout_s is None else now + max(timeout_s, 0.0)
@@ -195,6 +206,20 @@ class MicroBatcher(Generic[T, R]):
         self._observer.queue_depth(self._pending_size)
         self._wakeup.set()
         return await item.future
+
+    def check_admission(self, size: int) -> None:
+        """Raise what :meth:`submit` would raise before queueing ``size`` now (:class:`Overloaded`
+        when the queue is full): callers check before costly preparation such as decoding."""
+        if self._closing:
+            raise Draining("the service is shutting down")
+        if not self.alive:
+            raise WorkerStopped("the batcher is not running")
+        if self._pending_size + size > self.queue_size:
+            self._observer.rejected("overloaded")
+            raise Overloaded(
+                f"admission queue full ({self._pending_size} of {self.queue_size} queued)",
+                self.retry_after_s(),
+            )
 
     def retry_after_s(self) -> int:
         """Seconds until the current queue should have drained (≥ 1)."""
@@ -300,27 +325,68 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = loop.time()
         waits = [started - i.enqueued for i in batch]
-        payloads = [i.payload for i in batch]
-        size = sum(i.size for i in batch)
         try:
-            work = self._worker.submit(lambda: _timed(lambda: self._process(payloads)))
+            work = self._worker.submit(lambda: self._on_device(batch))
             results, device_s = await asyncio.wrap_future(work)
-            if len(results) != len(batch):
-                raise RuntimeError(
-                    f"process returned {len(results)} results for {len(batch)} items"
-                )
         except asyncio.CancelledError:
             self._resolve(batch, Draining("the service shut down while this request ran"))
             raise
-        except Exception as exc:
-            log.warning("batch of %d items failed: %r", len(batch), exc)
+        except Exception as exc:  # the worker itself refused (stopped): not a device fault
             self._resolve(batch, exc)
             return
-        self._seconds_per_unit = 0.8 * self._seconds_per_unit + 0.2 * device_s / size
-        self._observer.batch_done(size, waits, device_s)
-        for item, result, wait in zip(batch, results, waits, strict=True):
-            if self._settle(item):
-                item.future.set_result(Completed(result, wait, device_s))
+        ran = [
+            (i, r, w) for i, r, w in zip(batch, results, waits, strict=True) if r is not _SKIPPED
+        ]
+        if not ran:
+            return  # every item expired or was cancelled while the batch waited for the device
+        failed = sum(isinstance(r, _Failed) for _, r, _ in ran)
+        self.failures = self.failures + 1 if failed == len(ran) else 0
+        if failed < len(ran):
+            size = sum(i.size for i, _, _ in ran)
+            self._seconds_per_unit = 0.8 * self._seconds_per_unit + 0.2 * device_s / size
+            self._observer.batch_done(size, [w for _, _, w in ran], device_s)
+        for item, result, wait in ran:
+            if not self._settle(item):
+                continue
+            if isinstance(result, _Failed):
+                item.future.set_exception(result.error)
+            else:
+                item.future.set_result(Completed(cast(R, result), wait, device_s))
+
+    def _on_device(self, batch: list[_Item[T, R]]) -> tuple[list[R | _Failed | _Skipped], float]:
+        """Runs on the device thread once the device is free: items that expired or were cancelled
+        meanwhile (their future is done) are skipped, the rest are processed. ``(results, seconds)``."""
+        live = [i for i in batch if not i.future.done()]
+        if not live:
+            return [_SKIPPED] * len(batch), 0.0
+        t0 = time.perf_counter()
+        out = iter(self._guarded([i.payload for i in live]))
+        device_s = time.perf_counter() - t0
+        ids = {id(i) for i in live}
+        return [next(out) if id(i) in ids else _SKIPPED for i in batch], device_s
+
+    def _guarded(self, payloads: list[T]) -> list[R | _Failed]:
+        """``process(payloads)`` on the device thread, never raising: a failure becomes one
+        :class:`_Failed` per item. A failure that ``split_on`` accepts (device out of memory) is
+        retried as two halves, recursively, before it fails the items that still cannot run."""
+        try:
+            results: list[R | _Failed] = list(self._process(payloads))
+            if len(results) != len(payloads):
+                raise RuntimeError(
+                    f"process returned {len(results)} results for {len(payloads)} items"
+                )
+            return results
+        except Exception as exc:
+            if len(payloads) > 1 and self._split_on(exc):
+                half = len(payloads) // 2
+                log.warning(
+                    "device batch of %d items failed (%r); retrying as %d + %d",
+                    len(payloads), exc, half, len(payloads) - half,
+                )  # fmt: skip
+                return self._guarded(payloads[:half]) + self._guarded(payloads[half:])
+            exc.add_note(f"in a device batch of {len(payloads)} items")
+            log.warning("device batch of %d items failed: %r", len(payloads), exc)
+            return [_Failed(exc)] * len(payloads)
 
     @staticmethod
     def _settle(item: _Item[T, R]) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.metric.store import DEFAULT_STORE, ModelStore
@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     max_attack_epsilon: float = Field(16 / 255, gt=0, le=1)
     max_attack_epsilon_l2: float = Field(4.0, gt=0, description="L2 ε cap, [0, 1] pixel units")
     max_attack_jobs: int = Field(2, ge=1)
+    open_probes: bool = Field(True, description="/healthz, /readyz, /metrics need no API key")
+    max_batch_failures: int = Field(
+        3, ge=1, description="consecutive failed device batches before /readyz turns 503"
+    )
+    grace_s: float = Field(30.0, gt=0, description="shutdown bound, SIGTERM to exit (seconds)")
+    drain_s: float = Field(
+        2.0, ge=0, description="after SIGTERM, answer 503 draining this long before closing"
+    )
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod
@@ -48,6 +56,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _drain_within_grace(self) -> Settings:
+        if self.drain_s >= self.grace_s:
+            raise ValueError(
+                f"drain_s ({self.drain_s}) must be shorter than grace_s ({self.grace_s})"
+            )
+        return self
 
     def store(self) -> ModelStore:
         """The model store these settings describe."""

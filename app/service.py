@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,19 @@ def configured_models(settings: Settings, store: ModelStore) -> tuple[str, list[
     for name in names:
         store.model(name)
     return default, names
+
+
+#: Seconds between readiness probes of a failing device.
+PROBE_EVERY_S = 5.0
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The batcher's ``split_on``: device out of memory; frees cached blocks so a half batch can fit."""
+    if not isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return True
 
 
 class FileDigests:
@@ -99,23 +114,52 @@ class Runtime:
         cache = FeatureCache(settings.cache_entries, settings.cache_bytes)
         self.engine = Engine(store, self.models, self.device, settings.resolution, cache, telemetry)
         self.worker = DeviceWorker("rlpips-device", initializer=self._init_device_thread)
+        #: Test hook: called on the device thread with each distance batch before the engine runs it
+        #: (tests install one to inject faults or delays; ``None`` in production).
+        self.fault_hook: Callable[[list[Query]], None] | None = None
         self.batcher: MicroBatcher[Query, Answer] = MicroBatcher(
             self.worker,
-            self.engine,
+            self._process,
             max_batch=settings.max_batch_pairs,
             max_wait_s=settings.max_wait_ms / 1000,
             queue_size=settings.queue_size,
             observer=telemetry,
+            split_on=is_out_of_memory,
+            max_failures=settings.max_batch_failures,
         )
         self.jobs = JobRunner(self.worker, settings.max_attack_jobs, telemetry)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, "rlpips-decode")
         self.started = False
         self.draining = False
+        self._probed_at = -math.inf
+
+    @property
+    def accepting(self) -> bool:
+        """Models loaded and warmed, worker and batcher alive, not shutting down: work is taken."""
+        return self.started and not self.draining and self.batcher.alive
 
     @property
     def ready(self) -> bool:
-        """Models loaded and warmed, worker and batcher alive, not shutting down."""
-        return self.started and not self.draining and self.batcher.alive
+        """Accepting, and the device is not failing batch after batch."""
+        return self.accepting and not self.batcher.failing
+
+    def probe(self) -> None:
+        """While failing: send one tiny pair through the batcher (at most every ``PROBE_EVERY_S``), so
+        that readiness comes back by itself once the device works again, even without traffic."""
+        now = time.monotonic()
+        if not self.accepting or now - self._probed_at < PROBE_EVERY_S:
+            return
+        self._probed_at = now
+        blank = Image(torch.zeros(3, self.resolution, self.resolution), "readiness-probe")
+        query = Query(self.default_model, blank, (blank,))
+        task = asyncio.ensure_future(self.batcher.submit(query, 1, self.settings.deadline_s))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _process(self, queries: list[Query]) -> list[Answer]:
+        """The batcher's ``process`` (device thread): the fault hook if installed, then the engine."""
+        if self.fault_hook is not None:
+            self.fault_hook(queries)
+        return self.engine(queries)
 
     @property
     def loaded(self) -> set[str]:

@@ -86,6 +86,42 @@ async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
             await asyncio.sleep(0.005)
 
 
+def call_then_disconnect(
+    app: FastAPI, request: httpx.Request, gone: asyncio.Event
+) -> tuple[asyncio.Future[None], list[dict[str, Any]]]:
+    """Call ``app`` with ``request`` over raw ASGI; the client disconnects once ``gone`` is set.
+
+    Returns the running call and the list the app's ASGI messages are appended to.
+    """
+    messages = [{"type": "http.request", "body": request.read(), "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.url.path,
+        "raw_path": request.url.raw_path,
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+        "client": ("127.0.0.1", 5000),
+        "server": ("test", 80),
+    }
+    return asyncio.ensure_future(app(scope, receive, send)), sent
+
+
 def hold_device(rt: Runtime) -> threading.Event:
     """Occupy the device thread until the returned event is set (a fake long batch).
 

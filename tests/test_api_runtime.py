@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from app.cli import main as cli_main
 from tests.apiutil import (
     IMAGENET,
+    call_then_disconnect,
     hold_device,
     jpegs,
     metric,
@@ -59,12 +59,12 @@ async def test_deadline_gives_504_and_the_work_never_runs(weights_dir: Path) -> 
         finally:
             gate.set()
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-        assert (await first).status_code == 504  # it waited on the device past its deadline too
-        telemetry = app.state.telemetry
-        await until(lambda: metric(telemetry.render().decode(), "rlpips_batch_size_count") == 1)
+        assert (await first).status_code == 504  # it waited for the held device past its deadline
+        await until(lambda: rt.worker.backlog == 0)  # `first`'s batch reached the free device ...
         text = (await client.get("/metrics")).text
         assert metric(text, "rlpips_rejected_total", reason="deadline") == 2
-        assert metric(text, "rlpips_pairs_total", model="lpips-alex") == 1  # only `first` ran
+        assert metric(text, "rlpips_pairs_total", model="lpips-alex") == 0  # ... and was skipped
+        assert metric(text, "rlpips_batch_size_count") == 0
 
 
 async def test_disconnected_client_is_skipped_and_counted(weights_dir: Path) -> None:
@@ -75,35 +75,8 @@ async def test_disconnected_client_is_skipped_and_counted(weights_dir: Path) -> 
         filler = asyncio.ensure_future(client.post("/distance", files=multipart(*imgs)))
         await until(lambda: rt.worker.backlog == 1)  # the next request will stay queued
         request = httpx.Request("POST", "http://test/distance", files=multipart(imgs[1], imgs[0]))
-        body = request.read()
         gone = asyncio.Event()
-        sent: list[dict[str, Any]] = []
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive() -> dict[str, Any]:
-            if messages:
-                return messages.pop()
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/distance",
-            "raw_path": b"/distance",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
-            "client": ("127.0.0.1", 5000),
-            "server": ("test", 80),
-        }
-        call = asyncio.ensure_future(app(scope, receive, send))
+        call, sent = call_then_disconnect(app, request, gone)
         await until(lambda: rt.batcher.depth == 1)
         gone.set()
         await asyncio.wait_for(call, 10)

@@ -50,7 +50,7 @@ def ready_runtime(request: Request) -> Runtime:
         raise ApiError("draining", "the service is shutting down")
     if rt is None or not rt.started:
         raise ApiError("not_ready", "the models are not loaded and warmed yet")
-    if not rt.ready:
+    if not rt.accepting:
         raise ApiError("not_ready", "the inference worker is not running")
     return rt
 
@@ -121,6 +121,7 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
     model = _model(rt, inp.options.model)
     threshold = inp.options.threshold
     threshold = rt.threshold(model) if threshold is None else threshold
+    rt.batcher.check_admission(len(inp.candidates))  # refuse before decoding when the queue is full
     items = [("reference", inp.reference)]
     items += [(f"{inp.field}[{i}]", c) for i, c in enumerate(inp.candidates)]
     t_decode = time.perf_counter()
@@ -177,10 +178,17 @@ async def healthz() -> Status:
     summary="readiness: 200 once every model is loaded and warmed and the worker is alive",
 )
 async def readyz(request: Request) -> Response:
+    """503 also while the device fails batch after batch (work is still taken: a success, or the probe
+    sent from here, brings readiness back)."""
     try:
-        ready_runtime(request)
+        rt = ready_runtime(request)
     except ApiError as exc:
         return error_response(exc.code, exc.message)
+    if rt.batcher.failing:
+        rt.probe()
+        return error_response(
+            "not_ready", f"the last {rt.batcher.failures} device batches failed; see the log"
+        )
     return JSONResponse({"status": "ready"})
 
 
