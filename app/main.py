@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 
 from app.api import errors, robustness
+from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
 from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.api.routes import router
 from app.config import Settings
@@ -72,7 +73,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(robustness.router)
     endpoints = {getattr(r, "path", "") for r in app.routes}
+    # Middleware, outermost last: metrics → API keys → catch-all 500 → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     errors.install(app)  # handlers + the catch-all 500 middleware (outside the body limit)
+    open_paths = PROBE_PATHS if settings.open_probes else frozenset()
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, open_paths=open_paths)
     app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry, endpoints=endpoints)
+    if settings.api_keys:
+        log.info("API keys required (%d configured)", len(settings.api_keys))
     return app

@@ -31,6 +31,7 @@ STATUS: dict[str, int] = {
     "invalid_json": 400,
     "invalid_multipart": 400,
     "bad_request": 400,
+    "unauthorized": 401,
     "not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,
@@ -47,6 +48,7 @@ STATUS: dict[str, int] = {
 
 _CODE_OF_STATUS = {
     400: "bad_request",
+    401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
