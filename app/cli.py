@@ -134,17 +134,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from app.server import serve
+
     logging.getLogger("app").setLevel(args.log_level.upper())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_after_shutdown)
-    uvicorn.run(
+    settings = Settings() if args.grace is None else Settings(grace_s=args.grace)
+    if args.workers == 1:  # drain period, then a graceful shutdown bounded by the grace period
+        serve(settings, args.host, args.port, args.log_level)
+        return 0
+    uvicorn.run(  # several processes: uvicorn's supervisor (graceful, without the drain period)
         "app.main:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.grace,
+        timeout_graceful_shutdown=max(1, int(settings.grace_s)),
     )
     return 0
 
@@ -186,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--log-level", default="info")
-    p.add_argument("--grace", type=float, default=30.0, help="graceful shutdown period, seconds")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="graceful shutdown bound in seconds, signal to exit (default: RLPIPS_GRACE_S or 30)",
+    )
     p.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser("evaluate", help="experiments and benchmarks of the metric")

@@ -1,0 +1,92 @@
+"""Running the app under uvicorn with a graceful, bounded shutdown (``rlpips serve``).
+
+On the first SIGTERM (or SIGINT) the runtime starts draining at once: ``/readyz`` answers 503 and new
+work gets 503 ``draining``, while requests already taken go on. The listener stays open for ``drain_s``
+so that load balancers see the failing probe and stop routing here, then uvicorn's own graceful
+shutdown runs: it stops listening, waits for in-flight requests (what is left of ``grace_s``), and the
+app's lifespan finishes any queued device work. A watchdog ends the process if all of this has not
+finished ``grace_s`` after the signal. A second signal skips the rest of the drain period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.main import create_app
+from app.service import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Exit status when the grace period ran out before a clean shutdown.
+EXIT_GRACE_EXCEEDED = 3
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first exit signal starts a drain period (see the module docstring)."""
+
+    def __init__(
+        self, config: uvicorn.Config, app: FastAPI, drain_s: float, grace_s: float
+    ) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_s = drain_s
+        self.grace_s = grace_s
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is not None or self.should_exit:
+            super().handle_exit(sig, frame)  # a second signal: shut down now (a third: force)
+            return
+        self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
+        self.drain_started = time.monotonic()
+        runtime: Runtime | None = self.app.state.runtime
+        if runtime is not None:
+            runtime.draining = True
+        log.info(
+            "signal %d: draining (readiness off, new work refused) for %.1f s; exit within %.1f s",
+            sig,
+            self.drain_s,
+            self.grace_s,
+        )
+        _start_watchdog(self.grace_s)
+
+    async def on_tick(self, counter: int) -> bool:
+        if (
+            self.drain_started is not None
+            and not self.should_exit
+            and time.monotonic() - self.drain_started >= self.drain_s
+        ):
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _start_watchdog(grace_s: float) -> None:
+    def expire() -> None:
+        log.error("graceful shutdown took longer than %.1f s: exiting now", grace_s)
+        logging.shutdown()
+        os._exit(EXIT_GRACE_EXCEEDED)
+
+    timer = threading.Timer(grace_s, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
+    """Serve one app on ``host:port`` until a signal; returns after the graceful shutdown."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=max(1, int(settings.grace_s - settings.drain_s)),
+    )
+    DrainingServer(config, app, settings.drain_s, settings.grace_s).run()
