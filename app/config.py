@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_candidates: int = Field(32, ge=1)
     decode_threads: int = Field(2, ge=1)
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
+    cpu_streams: int = Field(
+        0, ge=0, description="CPU: concurrent chunks per trunk pass; 0 = one per core, 1 = off"
+    )
     cache_entries: int = Field(1024, ge=0, description="reference feature cache size")
     cache_bytes: int = Field(
         256 * 1024 * 1024, ge=0, description="reference feature cache bound in bytes"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,18 @@ def describe_models(
     return out
 
 
+def cpu_threads(settings: Settings, device: torch.device) -> tuple[int, int]:
+    """``(streams, intra-op threads)`` for the engine; intra-op ``0`` keeps torch's default.
+
+    On CPU the default is one single-threaded stream per core: measured on the shared 2-core machine,
+    multi-threaded kernels stall whenever decoding or other processes take a core (docs/BENCHMARKS.md).
+    """
+    if device.type != "cpu":
+        return 1, settings.torch_threads
+    streams = settings.cpu_streams or len(os.sched_getaffinity(0))
+    return streams, settings.torch_threads or (1 if streams > 1 else 0)
+
+
 class Runtime:
     """Everything that serves requests; ``start()`` loads and warms the models on the device thread."""
 
@@ -112,7 +125,16 @@ class Runtime:
         self.resolution = settings.resolution
         self.limits = DecodeLimits(max_pixels=settings.max_pixels)
         cache = FeatureCache(settings.cache_entries, settings.cache_bytes)
-        self.engine = Engine(store, self.models, self.device, settings.resolution, cache, telemetry)
+        self.streams, self.torch_threads = cpu_threads(settings, self.device)
+        self.engine = Engine(
+            store,
+            self.models,
+            self.device,
+            settings.resolution,
+            cache,
+            telemetry,
+            streams=self.streams,
+        )
         self.worker = DeviceWorker("rlpips-device", initializer=self._init_device_thread)
         #: Test hook: called on the device thread with each distance batch before the engine runs it
         #: (tests install one to inject faults or delays; ``None`` in production).
@@ -132,6 +154,7 @@ class Runtime:
         self.started = False
         self.draining = False
         self._probed_at = -math.inf
+        self._threads_before = torch.get_num_threads()
 
     @property
     def accepting(self) -> bool:
@@ -177,17 +200,20 @@ class Runtime:
         self.engine.load()
         self.engine.warmup()
         log.info(
-            "models %s loaded and warmed on %s at %dx%d in %.1f s",
+            "models %s loaded and warmed on %s at %dx%d in %.1f s (%d streams, %d intra-op threads)",
             ", ".join(self.models),
             self.device,
             self.resolution,
             self.resolution,
             time.perf_counter() - t0,
+            self.streams,
+            torch.get_num_threads(),
         )
 
     async def start(self) -> None:
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
+        self._threads_before = torch.get_num_threads()
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
         self.worker.start()
         await asyncio.wrap_future(self.worker.submit(self._load))
         for name in self.models:
@@ -203,6 +229,7 @@ class Runtime:
         await self.batcher.close(timeout_s=self.settings.deadline_s)
         await asyncio.to_thread(self.worker.stop, self.settings.deadline_s)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(self._threads_before)  # process-global: leave it as it was
 
     def prepare(self, data: bytes) -> Image:
         """Decode + resize one image to the working resolution (runs in the decode pool)."""

@@ -1,0 +1,107 @@
+"""Raw batched model throughput on pre-decoded, pre-resized real image pairs — no HTTP, decode or queue.
+
+Two ways of running the same ``lpips-alex`` model, each on batches of ``--batch`` distinct pairs:
+
+* ``engine``: the service's engine with the service's thread settings (``RLPIPS_CPU_STREAMS``,
+  ``RLPIPS_TORCH_THREADS``; defaults as the service resolves them);
+* ``plain``: ``LPIPS(x0, x1)`` with torch's own intra-op threading (or ``RLPIPS_TORCH_THREADS``).
+
+``pairs_per_s`` is the better of the two — the ceiling the service is measured against.
+
+    python -m benchmarks.raw --resolution 256 --batch 32 --duration 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+
+from app.config import Settings
+from app.engine import Engine, Image, Query
+from app.imaging import load_tensor
+from app.service import cpu_threads
+from benchmarks.loadgen import IMAGENET
+
+
+def _rate(step: Callable[[], int], duration_s: float, warmup_s: float) -> tuple[float, float]:
+    """``(pairs per second, CPU milliseconds per pair)`` of ``step`` (which returns its pairs)."""
+    t_end = time.perf_counter() + warmup_s
+    while time.perf_counter() < t_end:
+        step()
+    pairs = 0
+    started, cpu0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() < started + duration_s:
+        pairs += step()
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    return pairs / elapsed, 1000 * cpu / pairs
+
+
+def raw_throughput(
+    resolution: int, batch: int, duration_s: float, warmup_s: float = 3.0
+) -> dict[str, float]:
+    """Pairs/s and CPU ms/pair of ``lpips-alex`` as ``engine`` and ``plain``; the better one as
+    ``pairs_per_s`` / ``cpu_ms_per_pair``."""
+    settings = Settings()
+    store = settings.store()
+    files = sorted(IMAGENET.glob("*.JPEG"))[: 4 * batch]
+    images = [Image(load_tensor(f.read_bytes(), resolution), f.name) for f in files]
+    batches = [
+        [Query("lpips-alex", images[i], (images[i + 1],)) for i in range(j, j + 2 * batch, 2)]
+        for j in range(0, len(images) - 2 * batch + 1, 2 * batch)
+    ]
+    default_threads = torch.get_num_threads()
+    out: dict[str, float] = {}
+
+    streams, threads = cpu_threads(settings, torch.device("cpu"))
+    torch.set_num_threads(threads or default_threads)
+    engine = Engine(store, ["lpips-alex"], torch.device("cpu"), resolution, streams=streams)
+    engine.load()
+    k = iter(range(1 << 62))
+
+    def engine_step() -> int:
+        qs = batches[next(k) % len(batches)]
+        engine.compute(qs, use_cache=False)
+        return len(qs)
+
+    out["engine"], out["engine_cpu_ms_per_pair"] = _rate(engine_step, duration_s, warmup_s)
+
+    torch.set_num_threads(settings.torch_threads or default_threads)
+    metric = store.load("lpips-alex")
+    stacked = [
+        (
+            torch.stack([q.reference.tensor for q in qs]),
+            torch.stack([q.candidates[0].tensor for q in qs]),
+        )
+        for qs in batches
+    ]
+
+    def plain_step() -> int:
+        x0, x1 = stacked[next(k) % len(stacked)]
+        with torch.inference_mode():
+            metric(x0, x1)
+        return int(x0.shape[0])
+
+    out["plain"], out["plain_cpu_ms_per_pair"] = _rate(plain_step, duration_s, warmup_s)
+    best = "engine" if out["engine"] >= out["plain"] else "plain"
+    out["pairs_per_s"] = out[best]
+    out["cpu_ms_per_pair"] = out[f"{best}_cpu_ms_per_pair"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per variant")
+    p.add_argument("--warmup", type=float, default=3.0)
+    args = p.parse_args()
+    rates = raw_throughput(args.resolution, args.batch, args.duration, args.warmup)
+    print(json.dumps(rates | {"batch": args.batch, "resolution": args.resolution}))
+
+
+if __name__ == "__main__":
+    main()
