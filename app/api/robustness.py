@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from app.api.errors import ApiError
 from app.api.inputs import b64decode, decode_images, media_type, read_form
 from app.api.routes import ReadyRuntime, until_disconnect
-from app.api.schemas import _PNG_1PX, ERROR_RESPONSES
+from app.api.schemas import _PNG_1PX, ERROR_RESPONSES, Base64Image
 from app.robustness import AttackSpec, ModelResult, RobustnessJob, Target
 from app.service import BASELINE_MODEL, Runtime
 
@@ -67,15 +67,53 @@ class RobustnessJSON(RobustnessOptions):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"reference": _PNG_1PX, "steps": 10}]}
     )
-    reference: str = Field(description="base64-encoded image")
-    candidate: str | None = Field(
+    reference: Base64Image = Field(description="base64-encoded image")
+    candidate: Base64Image | None = Field(
         None, description="base64 image; absent: attack the reference itself"
     )
 
 
+def _form_field(kind: str, **schema: Any) -> dict[str, Any]:
+    return {"type": kind, **schema}
+
+
+#: ``POST /robustness-check`` request body in both encodings (the route reads the raw request).
+ROBUSTNESS_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["reference"],
+                    "properties": {
+                        "reference": _form_field("string", format="binary"),
+                        "candidate": _form_field("string", format="binary"),
+                        "models": _form_field("string", description="comma-separated names"),
+                        "attack": _form_field("string", enum=["linf", "l2"]),
+                        "epsilon": _form_field("number", minimum=0, maximum=1),
+                        "steps": _form_field("integer", minimum=1),
+                        "step_size": _form_field("number", exclusiveMinimum=0, maximum=1),
+                        "goal": _form_field("string", enum=["evade", "impersonate"]),
+                        "random_start": _form_field("boolean"),
+                        "seed": _form_field("integer", minimum=0),
+                        "threshold": _form_field("number", minimum=0),
+                        "return_adversarial": _form_field("boolean"),
+                    },
+                }
+            },
+            "application/json": {
+                "schema": RobustnessJSON.model_json_schema(),
+                "example": {"reference": _PNG_1PX, "steps": 10, "seed": 0},
+            },
+        },
+    }
+}
+
+
 class RobustnessResponse(BaseModel):
     attack: dict[str, Any] = Field(description="every effective attack parameter, seed included")
-    resolution: tuple[int, int]
+    resolution: list[int] = Field(min_length=2, max_length=2, description="[H, W] of the images")
     results: list[dict[str, Any]] = Field(description="one entry per model, in request order")
     timing_ms: dict[str, float]
 
@@ -179,6 +217,7 @@ def _attack(job: RobustnessJob) -> Generator[None, None, list[ModelResult]]:
     "/robustness-check",
     response_model=RobustnessResponse,
     responses=ERROR_RESPONSES,
+    openapi_extra=ROBUSTNESS_BODY,
     summary="white-box PGD within an ε-ball against each model: how far does the distance move?",
 )
 async def robustness_check(request: Request, rt: ReadyRuntime) -> RobustnessResponse:

@@ -155,7 +155,12 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
     )
 
 
-@router.get("/models", response_model=ModelsResponse, summary="every model in the store")
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    responses={401: ERROR_RESPONSES[401]},
+    summary="every model in the store",
+)
 async def models(request: Request) -> ModelsResponse:
     store: ModelStore = request.app.state.store
     digests: FileDigests = request.app.state.digests

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 _PNG_1PX = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
 )
+
+
+#: A base64-encoded image (standard alphabet; a ``data:…;base64,`` prefix is accepted too).
+Base64Image = Annotated[str, Field(json_schema_extra={"format": "byte"})]
 
 
 class ErrorDetail(BaseModel):
@@ -50,8 +54,8 @@ class DistanceJSON(DistanceOptions):
         },
     )
 
-    reference: str = Field(description="base64-encoded image")
-    candidates: list[str] = Field(min_length=1, description="base64-encoded images (1..N)")
+    reference: Base64Image = Field(description="base64-encoded image")
+    candidates: list[Base64Image] = Field(min_length=1, description="base64-encoded images (1..N)")
 
 
 class PairResult(BaseModel):
@@ -87,7 +91,9 @@ class DistanceResponse(BaseModel):
     )
 
     model: str
-    resolution: tuple[int, int] = Field(description="[H, W] the images were resized to")
+    resolution: list[int] = Field(
+        min_length=2, max_length=2, description="[H, W] the images were resized to"
+    )
     threshold: float
     results: list[PairResult] = Field(description="one per candidate, in candidate order")
     timing_ms: Timing
@@ -130,6 +136,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error_example(
         "invalid_image", "cannot decode the image: broken data stream", "candidate[0]"
     ),
+    401: _error_example("unauthorized", "a valid API key is required: send 'Authorization: …'"),
     413: _error_example("image_too_large", "image is 9000x9000 = 81000000 pixels, over the limit"),
     415: _error_example("unsupported_media_type", "use multipart/form-data or application/json"),
     422: _error_example("validation_error", "threshold: must be ≥ 0", "threshold"),
