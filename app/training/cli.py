@@ -171,12 +171,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     data = load_data(args, args.split, store)
     spec = AttackSpec(args.norm, args.epsilon, args.steps, args.step_size, args.seed)
+    metrics = {name: load_metric(name, store) for name in args.models}  # fail before any work
     results: dict[str, dict[str, float]] = {}
-    for name in args.models:
-        metric = load_metric(name, store)
-        results[name] = evaluate(
-            metric, data, spec, device=device, desc=name, progress=True
-        ).summary
+    for name, metric in metrics.items():
+        scores = evaluate(metric, data, spec, device=device, desc=name, progress=True)
+        results[name] = scores.summary
     table = markdown_table(results, spec)
     report: dict[str, Any] = {
         "data": args.data

@@ -132,26 +132,26 @@ def summarize(s: Scores) -> dict[str, float]:
 
 
 def markdown_table(results: dict[str, dict[str, float]], spec: AttackSpec) -> str:
-    """A markdown table of ``results`` (model name → summary)."""
+    """A markdown table of ``results`` (model name → summary); clean columns only without an attack."""
+    attacked = spec.steps > 0 and spec.epsilon > 0
     kinds = [k for k in KINDS if any(f"n_{k}" in r for r in results.values())]
-    head = ["model", "clean 2AFC", "adversarial 2AFC", "adv / clean"]
+    cols = [("clean", "clean 2AFC")] + ([("adversarial", "adversarial 2AFC")] if attacked else [])
     for k in kinds:
-        head += [f"clean ({k})", f"adv ({k})"]
+        cols += [(f"clean_{k}", f"clean ({k})")]
+        cols += [(f"adversarial_{k}", f"adv ({k})")] if attacked else []
+    head = ["model", *(title for _, title in cols)] + (["adv / clean"] if attacked else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        ratio = r["adversarial"] / r["clean"] if r["clean"] else float("nan")
-        row = [f"`{name}`", f"{r['clean']:.4f}", f"{r['adversarial']:.4f}", f"{ratio:.3f}"]
-        for k in kinds:
-            row += [
-                f"{r.get(f'clean_{k}', float('nan')):.4f}",
-                f"{r.get(f'adversarial_{k}', float('nan')):.4f}",
-            ]
+        row = [f"`{name}`", *(f"{r.get(key, float('nan')):.4f}" for key, _ in cols)]
+        if attacked:
+            row.append(f"{r['adversarial'] / r['clean']:.3f}" if r["clean"] else "nan")
         lines.append("| " + " | ".join(row) + " |")
-    eps = spec.epsilon * 255 if spec.norm == "linf" else spec.epsilon
-    unit = "/255" if spec.norm == "linf" else ""
-    lines.append("")
-    lines.append(
-        f"n = {int(next(iter(results.values()))['n'])} triplets; attack: PGD {spec.norm} ε = {eps:g}{unit} px on p0, "
-        f"{spec.steps} steps, step {spec.effective_step_size:.5f}, random start, seed {spec.seed}."
+    n = int(next(iter(results.values()))["n"])
+    eps = f"{spec.epsilon * 255:g}/255" if spec.norm == "linf" else f"{spec.epsilon:g}"
+    how = (
+        f"attack: PGD {spec.norm} ε = {eps} px on p0, {spec.steps} steps, step "
+        f"{spec.effective_step_size:.5f}, random start, seed {spec.seed}"
+        if attacked
+        else "no attack (clean accuracy only)"
     )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"n = {n} triplets; {how}."])
