@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,3 +218,28 @@ def test_attack_lowers_lpips_2afc_accuracy(tiny: dict[str, TripletSet], lpips: L
     assert scores.summary["adversarial"] < scores.summary["clean"] - 0.2
     clean_only = evaluate(lpips, tiny["val"], AttackSpec(steps=0))
     assert torch.equal(clean_only.clean, scores.clean)
+
+
+# -- the shipped model ---------------------------------------------------------------------------
+
+
+def card_accuracy(card: str) -> tuple[int, float]:
+    m = re.search(r"clean 2AFC accuracy on the first (\d+) test triplets: \*\*([0-9.]+)\*\*", card)
+    assert m, "the model card must state the clean accuracy on the fixed test subset"
+    return int(m.group(1)), float(m.group(2))
+
+
+def test_shipped_heads_reproduce_the_model_card(
+    store: ModelStore, images_dir: Path, lpips: LPIPS
+) -> None:
+    heads = store.load_heads(SHIPPED)
+    assert all(bool((w >= 0).all()) for w in heads.weights)
+    assert store.model(SHIPPED).trunk.file == store.model("lpips-alex").trunk.file
+    n, expected = card_accuracy((store.root / store.model(SHIPPED).card).read_text())
+    # The card measures `--limit N` of the default test split; generation is patch-major with
+    # per-(source, patch) seeds, so those N triplets are exactly the test split of size N.
+    cfg = SynthConfig(str(images_dir / "imagenet-sample"), sizes=(0, 0, n))
+    data = generate(cfg, "test", lpips)
+    metric = load_metric(SHIPPED, store)
+    acc = evaluate(metric, data, AttackSpec(steps=0)).summary["clean"]
+    assert acc == pytest.approx(expected, abs=5e-5)
