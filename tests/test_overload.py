@@ -85,7 +85,7 @@ async def test_overload_gets_only_200_or_429_and_recovers_at_once(weights_dir: P
             while time.monotonic() < stop:
                 depths.append(rt.batcher.depth)
                 if n % 25 == 0:
-                    gauges.append(rt.telemetry.queue_depth_gauge._value.get())
+                    gauges.append(metric(rt.telemetry.render().decode(), "rlpips_queue_depth"))
                     rss.append(rss_bytes())
                 n += 1
                 await asyncio.sleep(0.002)
