@@ -25,8 +25,10 @@ IMAGENET = SHARED / "images" / "imagenet-sample"
 
 
 def settings(weights_dir: Path, **kw: Any) -> Settings:
-    """Test settings: 64×64 working resolution unless overridden, offline weights, fast flushes."""
+    """Test settings: 64×64 working resolution unless overridden, offline weights, fast flushes, and
+    lpips-alex as the default model (pass ``default_model=None`` for the store's default)."""
     base: dict[str, Any] = {
+        "default_model": "lpips-alex",
         "resolution": 64,
         "weights_dir": weights_dir,
         "max_wait_ms": 20,

@@ -59,6 +59,7 @@ def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "RLPIPS_WEIGHTS_DIR": str(weights_dir),
         "RLPIPS_RESOLUTION": "64",
         "RLPIPS_MODELS": "lpips-alex",
+        "RLPIPS_DEFAULT_MODEL": "lpips-alex",
         "RLPIPS_MAX_WAIT_MS": "10",
     }
     cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]

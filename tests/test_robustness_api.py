@@ -22,22 +22,29 @@ def b64(data: bytes) -> str:
 
 
 async def test_defaults_attack_the_reference_against_itself(weights_dir: Path) -> None:
+    """With the store's default (the shipped robust model): one result per default model, and the
+    robust model moves far less than LPIPS under the same attack."""
     kodim = (KODAK / "kodim23.png").read_bytes()
-    async with serve(settings(weights_dir)) as (client, app):
+    async with serve(settings(weights_dir, default_model=None)) as (client, app):
+        models = (await client.get("/models")).json()["models"]
+        assert [m["name"] for m in models if m["default"]] == ["r-lpips-alex-linf-synth"]
         r = await client.post("/robustness-check", json={"reference": b64(kodim), "seed": 3})
         assert r.status_code == 200, r.text
         body = r.json()
-        rt = runtime(app)
-        expected = list(dict.fromkeys(["lpips-alex", rt.default_model]))
-        assert [res["model"] for res in body["results"]] == expected
+        assert runtime(app).default_model == "r-lpips-alex-linf-synth"
+        results = {res["model"]: res for res in body["results"]}
+        assert list(results) == ["lpips-alex", "r-lpips-alex-linf-synth"]
         attack = body["attack"]
         assert attack["epsilon"] == pytest.approx(4 / 255) and attack["steps"] == 20
         assert attack["goal"] == "evade" and attack["seed"] == 3
-        for res in body["results"]:
+        for res in results.values():
             assert res["clean_distance"] == 0.0
-            assert res["adversarial_distance"] > 0.05
+            assert res["adversarial_distance"] > 0
             assert res["perturbation"]["linf"] <= 4 / 255 + 1e-9
             assert res["change"] == pytest.approx(res["adversarial_distance"])
+        assert results["lpips-alex"]["adversarial_distance"] > 0.05
+        robust = results["r-lpips-alex-linf-synth"]["adversarial_distance"]
+        assert robust < results["lpips-alex"]["adversarial_distance"] / 3
         assert body["resolution"] == [64, 64] and body["timing_ms"]["inference"] > 0
 
 
