@@ -162,6 +162,18 @@ class JobRunner:
     def active(self) -> int:
         return self._active
 
+    def check_admission(self) -> None:
+        """Raise what :meth:`run` would raise before starting a job now (:class:`Overloaded` when
+        ``max_jobs`` are running): callers check before costly preparation such as decoding."""
+        if self._closing:
+            raise Draining("the service is shutting down")
+        if self._active >= self.max_jobs:
+            self._observer.rejected("jobs_full")
+            raise Overloaded(
+                f"{self._active} of {self.max_jobs} attack jobs are running",
+                max(1, math.ceil(self._job_seconds)),
+            )
+
     def close(self) -> None:
         """Refuse new jobs (running ones continue)."""
         self._closing = True
@@ -179,14 +191,7 @@ class JobRunner:
         Raises :class:`Overloaded` when ``max_jobs`` jobs are running, :class:`DeadlineExceeded` after
         ``timeout_s``, or what the job raised. An unfinished job is closed on the worker thread.
         """
-        if self._closing:
-            raise Draining("the service is shutting down")
-        if self._active >= self.max_jobs:
-            self._observer.rejected("jobs_full")
-            raise Overloaded(
-                f"{self._active} of {self.max_jobs} attack jobs are running",
-                max(1, math.ceil(self._job_seconds)),
-            )
+        self.check_admission()
         self._active += 1
         loop = asyncio.get_running_loop()
         started = loop.time()

@@ -193,3 +193,28 @@ async def test_a_client_that_disconnects_has_its_work_dropped(
         assert metric(text, "rlpips_rejected_total", reason="cancelled") == 1
         assert metric(text, "rlpips_inference_duration_seconds_count", kind="attack") <= 1
         assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_full_queue_and_full_attack_slots_refuse_before_decoding(weights_dir: Path) -> None:
+    s = settings(weights_dir, queue_size=1, max_attack_jobs=1, max_wait_ms=0, deadline_s=30)
+    async with serve(s) as (client, app):
+        rt = runtime(app)
+        gate = hold_device(rt)
+        try:
+            running = asyncio.ensure_future(client.post("/distance", files=multipart(*IMAGES[:2])))
+            await until(lambda: rt.worker.backlog == 1)
+            queued = asyncio.ensure_future(client.post("/distance", files=multipart(*IMAGES[:2])))
+            attack = asyncio.ensure_future(
+                client.post("/robustness-check", files=multipart(IMAGES[0]), data={"steps": "1"})
+            )
+            await until(lambda: rt.batcher.depth == 1 and rt.jobs.active == 1)
+            decoded = metric(rt.telemetry.render().decode(), "rlpips_decode_duration_seconds_count")
+            broken = b"not an image"  # would be a 400 if it were decoded
+            for endpoint in ("/distance", "/robustness-check"):
+                r = await client.post(endpoint, files=multipart(broken, broken))
+                assert r.status_code == 429, r.text
+            after = metric(rt.telemetry.render().decode(), "rlpips_decode_duration_seconds_count")
+            assert after == decoded
+        finally:
+            gate.set()
+        assert [(await f).status_code for f in (running, queued, attack)] == [200, 200, 200]

@@ -226,6 +226,7 @@ async def robustness_check(request: Request, rt: ReadyRuntime) -> RobustnessResp
     deadline = started + rt.settings.deadline_s
     reference, candidate, opts = await _read(request)
     spec, targets = _spec(rt, opts), _targets(rt, opts)
+    rt.jobs.check_admission()  # refuse before decoding when every attack slot is taken
     items = [("reference", reference)] + (
         [("candidate", candidate)] if candidate is not None else []
     )
