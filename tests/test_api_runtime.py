@@ -117,7 +117,8 @@ def test_http_agrees_with_the_cli_at_256(
         cli.append(json.loads(capsys.readouterr().out)["distance"])
 
     async def over_http() -> list[float]:
-        s = settings(weights_dir, resolution=256, default_model=None)  # the store default, as the CLI
+        # the store's default model, as the CLI uses
+        s = settings(weights_dir, resolution=256, default_model=None)
         async with serve(s) as (client, _):
             data = [f.read_bytes() for f in files]
             r = await client.post("/distance", files=multipart(*data))
