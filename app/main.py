@@ -20,7 +20,7 @@ from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
 from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.api.routes import router
 from app.config import Settings
-from app.service import FileDigests, Runtime, configured_models
+from app.service import Runtime, configured_models
 from app.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.default_model = default_model
-    app.state.digests = FileDigests(store)
     app.state.telemetry = Telemetry()
     app.state.runtime = None
     app.include_router(router)

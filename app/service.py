@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from app.cli import pick_device
 from app.config import Settings
 from app.engine import Answer, Engine, FeatureCache, Image, Query, content_key
 from app.imaging import DecodeLimits, load_tensor
-from app.metric.store import ModelStore, file_hashes
+from app.metric.store import ModelStore
 from app.telemetry import Telemetry
 from app.worker import DeviceWorker, JobRunner
 
@@ -56,33 +55,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return True
 
 
-class FileDigests:
-    """sha256 of each verified model file, computed once per (path, size, mtime)."""
-
-    def __init__(self, store: ModelStore) -> None:
-        self.store = store
-        self._memo: dict[tuple[str, int, int], str] = {}
-
-    def describe(self, file_id: str) -> dict[str, Any]:
-        """``{"path", "sha256", "available"}`` for one manifest file."""
-        entry = self.store.manifest.files[file_id]
+def describe_file(store: ModelStore, file_id: str) -> dict[str, Any]:
+    """``{"path", "sha256", "available"}`` for one manifest file (the store's verified hash, or the
+    manifest's listed sha256 when no verified copy is present)."""
+    entry = store.manifest.files[file_id]
+    st = store.status(file_id)
+    if st.path is None:
         listed = next((d.value for d in entry.digests if d.kind == "sha256"), None)
-        path = self.store.status(file_id).path
-        if path is None:
-            return {"path": entry.filename, "sha256": listed, "available": False}
-        return {"path": path.name, "sha256": self._sha256(path), "available": True}
-
-    def _sha256(self, path: Path) -> str:
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        if key not in self._memo:
-            self._memo[key] = file_hashes(path)[0]
-        return self._memo[key]
+        return {"path": entry.filename, "sha256": listed, "available": False}
+    return {"path": st.path.name, "sha256": st.sha256, "available": True}
 
 
-def describe_models(
-    store: ModelStore, digests: FileDigests, loaded: set[str], default: str
-) -> list[dict[str, Any]]:
+def describe_models(store: ModelStore, loaded: set[str], default: str) -> list[dict[str, Any]]:
     """Every model of the store as ``GET /models`` lists it (exactly one ``default``)."""
     out = []
     for name, m in store.manifest.models.items():
@@ -92,7 +76,7 @@ def describe_models(
                 "trunk": m.trunk.arch,
                 "variant": m.variant,
                 "source": m.source,
-                "files": [digests.describe(f) for f in store.files_of(name)],
+                "files": [describe_file(store, f) for f in store.files_of(name)],
                 "threshold": m.threshold,
                 "loaded": name in loaded,
                 "default": name == default,

@@ -31,7 +31,7 @@ from app.api.schemas import (
 from app.engine import Answer, Query
 from app.imaging import heatmap_png
 from app.metric.store import ModelStore
-from app.service import FileDigests, Runtime, describe_models
+from app.service import Runtime, describe_models
 from app.telemetry import Telemetry
 
 router = APIRouter()
@@ -163,11 +163,10 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
 )
 async def models(request: Request) -> ModelsResponse:
     store: ModelStore = request.app.state.store
-    digests: FileDigests = request.app.state.digests
     rt = current_runtime(request)
     loaded = rt.loaded if rt is not None else set()
     default = rt.default_model if rt is not None else request.app.state.default_model
-    listing = await asyncio.to_thread(describe_models, store, digests, loaded, default)
+    listing = await asyncio.to_thread(describe_models, store, loaded, default)
     return ModelsResponse.model_validate({"models": listing})
 
 

@@ -120,11 +120,13 @@ def file_hashes(path: Path) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class FileStatus:
-    """Outcome of looking for one file: ``path`` is set only when a verified copy was found."""
+    """Outcome of looking for one file: ``path`` and its ``sha256`` are set only when a verified copy
+    was found, ``problem`` only when none was."""
 
     file_id: str
     path: Path | None
     problem: str | None
+    sha256: str | None = None
 
 
 class ModelStore:
@@ -169,28 +171,32 @@ class ModelStore:
         dirs = [self.root, self.cache_dir] + ([self.weights_dir] if self.weights_dir else [])
         return [d / n for d in dirs for n in entry.names if (d / n).is_file()]
 
-    def _check(self, file_id: str, path: Path) -> str | None:
-        """``None`` when ``path`` matches one of the entry's digests, else the problem."""
+    def _check(self, file_id: str, path: Path) -> tuple[str, str | None]:
+        """``(sha256, problem)``: ``problem`` is ``None`` when ``path`` matches one of the entry's
+        digests. Verified files are remembered by (path, size, mtime) and not hashed again."""
         entry = self.manifest.files[file_id]
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         if key in self._verified:
-            return None
+            return self._verified[key], None
         sha, blob = file_hashes(path)
         if any(d.matches(sha, blob) for d in entry.digests):
             self._verified[key] = sha
-            return None
+            return sha, None
         want = " or ".join(str(d) for d in entry.digests)
-        return f"{path} has sha256 {sha} (git blob {blob}, {st.st_size} bytes); expected {want}"
+        return (
+            sha,
+            f"{path} has sha256 {sha} (git blob {blob}, {st.st_size} bytes); expected {want}",
+        )
 
     def status(self, file_id: str) -> FileStatus:
         """Find a verified copy of ``file_id``; report why not otherwise."""
         entry = self.manifest.files[file_id]
         problems = []
         for path in self._candidates(entry):
-            problem = self._check(file_id, path)
+            sha, problem = self._check(file_id, path)
             if problem is None:
-                return FileStatus(file_id, path, None)
+                return FileStatus(file_id, path, None, sha)
             problems.append(problem)
         if problems:
             return FileStatus(file_id, None, "; ".join(problems))
@@ -239,7 +245,7 @@ class ModelStore:
 
     def _install(self, file_id: str, source: Path) -> Path:
         """Verify ``source`` and copy it into the cache under its canonical name."""
-        problem = self._check(file_id, source)
+        _, problem = self._check(file_id, source)
         if problem:
             raise WeightsError(problem)
         dest = self.cache_dir / self.manifest.files[file_id].filename
