@@ -3,69 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.apiutil import jpegs, metric, multipart
+from tests.serverutil import Server, launch, wait_ready
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_ready(server: Server, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"server exited with {server.proc.returncode}:\n{server.log.read_text()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after {timeout_s} s:\n{server.log.read_text()}")
 
 
 @pytest.fixture(scope="module")
 def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = free_port()
     log = tmp_path_factory.mktemp("e2e") / "server.log"
-    env = os.environ | {
-        "RLPIPS_WEIGHTS_DIR": str(weights_dir),
+    env = {
         "RLPIPS_RESOLUTION": "64",
         "RLPIPS_MODELS": "lpips-alex",
         "RLPIPS_DEFAULT_MODEL": "lpips-alex",
         "RLPIPS_MAX_WAIT_MS": "10",
     }
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(proc, f"http://127.0.0.1:{port}", log)
+    srv = launch(weights_dir, log, env)
+    proc = srv.proc
     try:
         wait_ready(srv)
         yield srv

@@ -8,9 +8,6 @@ documented response schema.
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from tests import badinputs as bad
-from tests.test_e2e import ROOT, Server, free_port, wait_ready
+from tests.serverutil import launch, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +37,8 @@ MAX_EXAMPLES = 300
 def live_schema(
     weights_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OpenApiSchema]:
-    port = free_port()
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    env = os.environ | {
-        "RLPIPS_WEIGHTS_DIR": str(weights_dir),
+    env = {
         "RLPIPS_RESOLUTION": "32",
         "RLPIPS_MODELS": "lpips-alex",
         "RLPIPS_MAX_WAIT_MS": "1",
@@ -51,10 +46,8 @@ def live_schema(
         "RLPIPS_MAX_BODY_BYTES": "200000",
         "RLPIPS_DRAIN_S": "0",
     }
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    server = launch(weights_dir, log, env)
+    proc = server.proc
     try:
         wait_ready(server)
         register_image_formats()

@@ -5,10 +5,7 @@ the process exits cleanly within its grace period."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import httpx
 import pytest
 
 from tests.apiutil import jpegs, metric, multipart
-from tests.test_e2e import ROOT, Server, free_port, wait_ready
+from tests.serverutil import Server, launch, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -24,19 +21,13 @@ GRACE_S, DRAIN_S = 20.0, 1.5
 
 
 def start(weights_dir: Path, log: Path, grace_s: float = GRACE_S, **env: str) -> Server:
-    port = free_port()
-    full_env = os.environ | {
-        "RLPIPS_WEIGHTS_DIR": str(weights_dir),
+    env = {
         "RLPIPS_MODELS": "lpips-alex",
         "RLPIPS_MAX_WAIT_MS": "10",
         "RLPIPS_DRAIN_S": str(DRAIN_S),
         **env,
     }
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--grace", str(grace_s)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    return Server(proc, f"http://127.0.0.1:{port}", log)
+    return launch(weights_dir, log, env, ["--grace", str(grace_s)])
 
 
 def test_sigterm_drains_and_loses_no_accepted_request(weights_dir: Path, tmp_path: Path) -> None:
