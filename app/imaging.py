@@ -72,7 +72,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Fully decode ``img`` to RGB: first frame, EXIF orientation applied, alpha composited on white."""
     try:
         img.seek(0)
-        img = ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)
             scale = 65535.0 if arr.max() > 255 else 255.0
