@@ -81,3 +81,23 @@ def test_disallowed_format() -> None:
     with pytest.raises(ImageError) as info:
         decode(encode(Image.new("RGB", (4, 4)), "PNG"), DecodeLimits(formats=frozenset({"JPEG"})))
     assert info.value.code == "unsupported_media_type"
+
+
+def _smooth_picture(w: int, h: int) -> Image.Image:
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def test_jpeg_draft_is_opt_in_and_close() -> None:
+    """``draft=True`` decodes a large JPEG at a reduced DCT scale (so the pixels differ a little from the
+    full decode) and leaves non-JPEG input untouched; the default is the full decode."""
+    jpeg = encode(_smooth_picture(640, 480), "JPEG", quality=95)
+    full, drafted = load_tensor(jpeg, 64), load_tensor(jpeg, 64, draft=True)
+    assert drafted.shape == full.shape == (3, 64, 64)
+    diff = (full - drafted).abs()
+    assert 0 < float(diff.max()) < 0.1
+    assert torch.equal(load_tensor(jpeg, 64, draft=False), full)
+    png = encode(_smooth_picture(640, 480))
+    assert torch.equal(load_tensor(png, 64, draft=True), load_tensor(png, 64))
+    assert torch.equal(load_tensor(jpeg, None, draft=True), load_tensor(jpeg, None))
