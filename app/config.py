@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     max_candidates: int = Field(32, ge=1)
     decode_threads: int = Field(2, ge=1)
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="trunk compute dtype for distances (autocast); auto = fp16 on CUDA, fp32 on CPU",
+    )
     cpu_streams: int = Field(
         0, ge=0, description="CPU: concurrent chunks per trunk pass; 0 = one per core, 1 = off"
     )

@@ -4,24 +4,30 @@ Trunks are keyed by their trunk *file* id, so every model that shares a trunk fi
 R-LPIPS variants) shares one module and one forward pass per image. A batch of :class:`Query` objects
 (one reference, N candidates each) is computed with one trunk pass per *distinct* image per trunk (a
 reference shared by N candidates runs once; references in the LRU cache do not run at all), then every
-requested model's heads. Features are normalised in float32. Everything runs on the caller's thread —
-the device worker's — under a local ``torch.inference_mode()``.
+requested model's heads. Everything runs on the caller's thread — the device worker's — under a local
+``torch.inference_mode()``.
+
+Precision: the trunk may run under ``torch.autocast`` (float16 / bfloat16); the channel normalisation and
+the heads always run in float32, outside autocast. Only distance work uses autocast: :meth:`Engine.metric`
+(attacks, gradients) is plain float32. On CUDA a batch crosses to the device as one pinned, non-blocking
+copy and its results come back as one copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from app.metric.lpips import LPIPS, Heads, distance_from_features, normalize
+from app.metric.lpips import LPIPS, DistanceResult, Heads, distance_from_features, normalize
 from app.metric.store import ModelStore
 from app.metric.trunks import Trunk
 
@@ -29,6 +35,26 @@ log = logging.getLogger(__name__)
 
 Features = list[Tensor]  # L normalised maps [N, C_l, H_l, W_l], float32
 CacheKey = tuple[str, str, tuple[int, int]]  # (content hash, trunk file id, (H, W))
+
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    """The trunk's compute dtype: ``auto`` → float16 on CUDA, float32 elsewhere; else the named one.
+
+    float32 on CPU: bfloat16 autocast is faster on CPUs with native bf16 (AVX512-BF16) but moves the
+    SqueezeNet golden distances by up to 1.6e-3 (over the 1e-3 parity bar) and is emulated, hence slow,
+    on CPUs without it; float16 autocast on CPU is far slower than float32 (benchmarks/optim.py).
+    """
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[precision]
 
 
 def content_key(data: bytes) -> str:
@@ -108,6 +134,9 @@ class FeatureCache:
 class Engine:
     """Models ``models`` from ``store`` on ``device`` at working resolution ``resolution`` (square).
 
+    ``precision``: the dtype the trunks run in for distances (float16 / bfloat16 via autocast, or
+    float32); normalisation and heads stay float32 either way.
+
     ``streams`` > 1 (CPU): each trunk pass is split into that many chunks run concurrently from a small
     thread pool (inter-op parallelism; use with 1 intra-op thread). On a few shared cores this keeps
     every core busy without the barrier stalls of multi-threaded kernels.
@@ -122,7 +151,10 @@ class Engine:
         cache: FeatureCache | None = None,
         observer: EngineObserver | None = None,
         streams: int = 1,
+        precision: torch.dtype = torch.float32,
     ) -> None:
+        if precision not in DTYPES.values():
+            raise ValueError(f"precision must be one of {list(DTYPES.values())}, got {precision}")
         self.store = store
         self.names = list(dict.fromkeys(models))
         self.device = device
@@ -130,6 +162,7 @@ class Engine:
         self.cache = cache if cache is not None else FeatureCache(0, 0)
         self.observer = observer
         self.streams = streams
+        self.precision = precision
         self._pool = ThreadPoolExecutor(streams, "rlpips-stream") if streams > 1 else None
         self.trunks: dict[str, Trunk] = {}
         self.heads: dict[str, Heads] = {}
@@ -151,7 +184,8 @@ class Engine:
             log.info("loaded %s (trunk %s) on %s", name, trunk_id, self.device)
 
     def metric(self, name: str) -> LPIPS:
-        """A differentiable :class:`LPIPS` for ``name`` sharing the loaded trunk (for attacks)."""
+        """A differentiable float32 :class:`LPIPS` for ``name`` sharing the loaded trunk (for attacks;
+        never under the engine's autocast)."""
         return LPIPS(self.trunks[self.trunk_of[name]], self.heads[name])
 
     def warmup(self) -> None:
@@ -179,30 +213,20 @@ class Engine:
         for q in queries:
             if q.model not in self.heads:
                 raise KeyError(f"model {q.model!r} is not loaded")
-        out: list[Answer | None] = [None] * len(queries)
         by_trunk: dict[str, list[int]] = defaultdict(list)
         for i, q in enumerate(queries):
             by_trunk[self.trunk_of[q.model]].append(i)
+        groups: list[tuple[list[int], DistanceResult]] = []
         with torch.inference_mode():
             for trunk_id, idx in by_trunk.items():
-                group = [queries[i] for i in idx]
-                for i, answer in zip(
-                    idx, self._trunk_group(trunk_id, group, use_cache), strict=True
-                ):
-                    out[i] = answer
-        return [a for a in out if a is not None]
-
-    def _trunk_group(self, trunk_id: str, queries: list[Query], use_cache: bool) -> list[Answer]:
-        table, rows = self._feature_table(trunk_id, queries, use_cache)
-        answers: list[Answer | None] = [None] * len(queries)
-        by_model: dict[str, list[int]] = defaultdict(list)
-        for i, q in enumerate(queries):
-            by_model[q.model].append(i)
-        for model, idx in by_model.items():
-            group = [queries[i] for i in idx]
-            for i, answer in zip(idx, self._heads_group(model, group, table, rows), strict=True):
-                answers[i] = answer
-        return [a for a in answers if a is not None]
+                table, rows = self._feature_table(trunk_id, [queries[i] for i in idx], use_cache)
+                by_model: dict[str, list[int]] = defaultdict(list)
+                for i in idx:
+                    by_model[queries[i].model].append(i)
+                for model, midx in by_model.items():
+                    group = [queries[i] for i in midx]
+                    groups.append((midx, self._distances(model, group, table, rows)))
+        return _answers(queries, groups)
 
     def _feature_table(
         self, trunk_id: str, queries: list[Query], use_cache: bool
@@ -244,25 +268,33 @@ class Engine:
 
     def _features(self, trunk_id: str, images: list[Tensor]) -> Features:
         """Normalised float32 features of ``images`` (each ``[3, H, W]`` in ``[-1, 1]``)."""
-        x = torch.stack(images)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x = x.to(self.device)
-        trunk = self.trunks[trunk_id]
+        x = self._to_device(images)
+        trunk, dtype = self.trunks[trunk_id], self.precision
         if self._pool is None or x.shape[0] < 2:
-            return _forward(trunk, x)
+            return _forward(trunk, x, dtype)
         chunks = x.tensor_split(min(self.streams, x.shape[0]))
-        parts = list(self._pool.map(lambda c: _forward(trunk, c), chunks))
+        parts = list(self._pool.map(lambda c: _forward(trunk, c, dtype), chunks))
         return [torch.cat([p[layer] for p in parts]) for layer in range(len(parts[0]))]
 
-    def _heads_group(
+    def _to_device(self, images: list[Tensor]) -> Tensor:
+        """``images`` stacked to ``[N, 3, H, W]`` on the device. CUDA: stacked straight into a pinned
+        host buffer (torch's caching host allocator reuses it once the copy is done), then one
+        non-blocking copy for the whole batch."""
+        if self.device.type != "cuda":
+            return torch.stack(images).to(self.device)
+        first = images[0]
+        pinned = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=True)
+        torch.stack(images, out=pinned)
+        return pinned.to(self.device, non_blocking=True)
+
+    def _distances(
         self, model: str, queries: list[Query], table: Features, rows: dict[str, int]
-    ) -> list[Answer]:
+    ) -> DistanceResult:
+        """On the device: ``total`` ``[P]`` and ``per_layer`` ``[P, L]`` for the P pairs of
+        ``queries`` in order; ``spatial`` ``[S, 1, H, W]`` for the pairs of spatial queries only."""
         ref_rows = [rows[q.reference.key] for q in queries for _ in q.candidates]
         cand_rows = [rows[c.key] for q in queries for c in q.candidates]
-        i0 = torch.tensor(ref_rows, device=self.device)
-        i1 = torch.tensor(cand_rows, device=self.device)
+        i0, i1 = self._index(ref_rows), self._index(cand_rows)
         size = None
         if any(q.spatial for q in queries):
             h, w = queries[0].reference.tensor.shape[-2:]
@@ -270,22 +302,66 @@ class Engine:
         res = distance_from_features(
             self.heads[model], [t[i0] for t in table], [t[i1] for t in table], size
         )
-        totals = res.total.cpu().tolist()
-        layers = res.per_layer.cpu().tolist()
-        spatial = res.spatial.cpu() if res.spatial is not None else None
-        answers, start = [], 0
-        for q in queries:
-            end = start + q.pairs
-            maps = list(spatial[start:end]) if q.spatial and spatial is not None else None
-            answers.append(Answer(totals[start:end], layers[start:end], maps))
-            start = end
-        return answers
+        if res.spatial is None or all(q.spatial for q in queries):
+            return res
+        flags = [q.spatial for q in queries for _ in q.candidates]
+        keep = self._index([p for p, wanted in enumerate(flags) if wanted])
+        return DistanceResult(res.total, res.per_layer, res.spatial[keep])
+
+    def _index(self, values: list[int]) -> Tensor:
+        """An int64 index tensor on the device; on CUDA a pinned non-blocking copy, so building it
+        does not wait for the trunk pass queued before it (integer, not boolean, indexing: no sync)."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+        pinned = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+        return pinned.to(self.device, non_blocking=True)
 
     def _cache_key(self, image: Image, trunk_id: str) -> CacheKey:
         return (image.key, trunk_id, (int(image.tensor.shape[-2]), int(image.tensor.shape[-1])))
 
 
-def _forward(trunk: Trunk, x: Tensor) -> Features:
-    """Normalised features of ``x`` ``[N, 3, H, W]``; inference mode is per thread, so set it here."""
+def _forward(trunk: Trunk, x: Tensor, dtype: torch.dtype) -> Features:
+    """Normalised float32 features of ``x`` ``[N, 3, H, W]``: the trunk under autocast to ``dtype``
+    (none for float32), the normalisation outside it. Inference mode and autocast are per thread, so
+    both are entered here (this runs on stream threads too)."""
+    autocast: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if dtype != torch.float32:
+        autocast = torch.autocast(x.device.type, dtype=dtype)
     with torch.inference_mode():
-        return [normalize(f) for f in trunk(x)]
+        with autocast:
+            raw = trunk(x)
+        return [normalize(f) for f in raw]
+
+
+def _to_host(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` (float32) on the CPU with one device→host copy in all; CPU tensors pass as they are."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    parts = torch.split(flat, [t.numel() for t in tensors])
+    return [p.view(t.shape) for p, t in zip(parts, tensors, strict=True)]
+
+
+def _answers(
+    queries: Sequence[Query], groups: list[tuple[list[int], DistanceResult]]
+) -> list[Answer]:
+    """Split each group's results (query indices, device results) into per-query answers, in query
+    order, after one host copy for the whole batch."""
+    flat: list[Tensor] = []
+    for _, res in groups:
+        flat += [res.total, res.per_layer] + ([] if res.spatial is None else [res.spatial])
+    host = iter(_to_host(flat))
+    out: list[Answer | None] = [None] * len(queries)
+    for idx, res in groups:
+        totals, layers = next(host).tolist(), next(host).tolist()
+        spatial = None if res.spatial is None else next(host)
+        start = s_start = 0
+        for i in idx:
+            q = queries[i]
+            maps = None
+            if q.spatial and spatial is not None:
+                maps = list(spatial[s_start : s_start + q.pairs])
+                s_start += q.pairs
+            out[i] = Answer(totals[start : start + q.pairs], layers[start : start + q.pairs], maps)
+            start += q.pairs
+    return [a for a in out if a is not None]

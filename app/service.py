@@ -20,7 +20,15 @@ import torch
 from app.batching import MicroBatcher
 from app.cli import pick_device
 from app.config import Settings
-from app.engine import Answer, Engine, FeatureCache, Image, Query, content_key
+from app.engine import (
+    Answer,
+    Engine,
+    FeatureCache,
+    Image,
+    Query,
+    content_key,
+    resolve_precision,
+)
 from app.imaging import DecodeLimits, load_tensor
 from app.metric.store import ModelStore
 from app.telemetry import Telemetry
@@ -118,6 +126,7 @@ class Runtime:
             cache,
             telemetry,
             streams=self.streams,
+            precision=resolve_precision(settings.precision, self.device),
         )
         self.worker = DeviceWorker("rlpips-device", initializer=self._init_device_thread)
         #: Test hook: called on the device thread with each distance batch before the engine runs it
@@ -176,19 +185,24 @@ class Runtime:
         return self.store.model(model).threshold
 
     def _init_device_thread(self) -> None:
+        """On CUDA: select the device, and let cuDNN pick the fastest kernels per input shape (the
+        working resolution is fixed, so only the batch size varies)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
 
     def _load(self) -> None:
         t0 = time.perf_counter()
         self.engine.load()
         self.engine.warmup()
         log.info(
-            "models %s loaded and warmed on %s at %dx%d in %.1f s (%d streams, %d intra-op threads)",
+            "models %s loaded and warmed on %s at %dx%d, trunk precision %s, in %.1f s "
+            "(%d streams, %d intra-op threads)",
             ", ".join(self.models),
             self.device,
             self.resolution,
             self.resolution,
+            str(self.engine.precision).removeprefix("torch."),
             time.perf_counter() - t0,
             self.streams,
             torch.get_num_threads(),
