@@ -1,10 +1,12 @@
 """Closed-loop HTTP load generator (asyncio + httpx): real JPEG pairs at a fixed concurrency.
 
-Each of ``concurrency`` clients sends ``POST /distance`` (multipart: one reference, one candidate) as soon as
-its previous answer arrived, for ``duration`` seconds after a warm-up. Bodies are encoded once up front so
-the client spends as little CPU as possible (it shares the machine with the server).
+Each of ``concurrency`` clients sends ``POST /distance`` (multipart: one reference, one or more candidates)
+as soon as its previous answer arrived, for ``duration`` seconds after a warm-up. Bodies are encoded once up
+front so the client spends as little CPU as possible (it shares the machine with the server). A request
+with N candidates counts N pairs.
 
     python -m benchmarks.loadgen --url http://127.0.0.1:8000 --concurrency 32 --duration 30
+    python -m benchmarks.loadgen --candidates 8 --shared-references 8   # 1-to-N, few distinct references
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,7 @@ IMAGENET = Path(__file__).resolve().parents[2] / "shared" / "images" / "imagenet
 class Body:
     content: bytes
     content_type: str
+    pairs: int = 1
 
 
 @dataclass(frozen=True)
@@ -43,35 +46,51 @@ class LoadResult:
     p99_ms: float
 
 
-def pair_bodies(folder: Path = IMAGENET, pairs: int = 500) -> list[Body]:
-    """Multipart bodies of ``(image 2i, image 2i+1)`` from ``folder`` (real JPEGs), encoded once."""
+def _jpegs(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.JPEG"))
     if len(files) < 2:
         raise SystemExit(f"no JPEG pairs in {folder}")
+    return files
+
+
+def _encode(reference: Path, candidates: list[Path]) -> Body:
+    files = [("reference", (reference.name, reference.read_bytes(), "image/jpeg"))]
+    files += [("candidate", (c.name, c.read_bytes(), "image/jpeg")) for c in candidates]
+    req = httpx.Request("POST", "http://x/distance", files=files)
+    return Body(req.read(), req.headers["content-type"], len(candidates))
+
+
+def pair_bodies(folder: Path = IMAGENET, pairs: int = 500) -> list[Body]:
+    """Multipart bodies of ``(image 2i, image 2i+1)`` from ``folder`` (real JPEGs), encoded once."""
+    files = _jpegs(folder)
     pairs = min(pairs, len(files) // 2)
-    out = []
-    for i in range(pairs):
-        a, b = files[2 * i], files[2 * i + 1]
-        req = httpx.Request(
-            "POST",
-            "http://x/distance",
-            files=[
-                ("reference", (a.name, a.read_bytes(), "image/jpeg")),
-                ("candidate", (b.name, b.read_bytes(), "image/jpeg")),
-            ],
-        )
-        out.append(Body(req.read(), req.headers["content-type"]))
-    return out
+    return [_encode(files[2 * i], [files[2 * i + 1]]) for i in range(pairs)]
+
+
+def fanout_bodies(folder: Path = IMAGENET, candidates: int = 8, references: int = 8) -> list[Body]:
+    """1-to-N bodies: the references cycle over only ``references`` distinct images (so a reference
+    cache hits), each body's ``candidates`` are distinct images, none repeated before the cycle ends."""
+    files = _jpegs(folder)
+    refs, pool = files[:references], files[references:]
+    if not refs or len(pool) < candidates:
+        raise SystemExit(f"{folder}: too few images for {references} references + {candidates}")
+    n = len(pool) // candidates
+    return [
+        _encode(refs[i % len(refs)], pool[i * candidates : (i + 1) * candidates]) for i in range(n)
+    ]
+
+
+@dataclass
+class _Window:
+    """What the clients of one phase saw: latencies of answered requests, statuses, answered pairs."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    pairs: int = 0
 
 
 async def _client(
-    client: httpx.AsyncClient,
-    bodies: list[Body],
-    start: int,
-    stride: int,
-    until: float,
-    latencies: list[float],
-    statuses: Counter[str],
+    client: httpx.AsyncClient, bodies: list[Body], start: int, stride: int, until: float, w: _Window
 ) -> None:
     i = start
     while time.perf_counter() < until:
@@ -86,8 +105,9 @@ async def _client(
         except httpx.HTTPError as exc:
             status = type(exc).__name__
         if status == "200":
-            latencies.append(time.perf_counter() - t0)
-        statuses[status] += 1
+            w.latencies.append(time.perf_counter() - t0)
+            w.pairs += body.pairs
+        w.statuses[status] += 1
 
 
 async def run_load(
@@ -97,30 +117,24 @@ async def run_load(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(120.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-        for phase, seconds in (("warmup", warmup_s), ("measure", duration_s)):
-            latencies: list[float] = []
-            statuses: Counter[str] = Counter()
+        for seconds in (warmup_s, duration_s):  # the last window is the measured one
+            w = _Window()
             started = time.perf_counter()
             until = started + seconds
             await asyncio.gather(
-                *(
-                    _client(client, bodies, k, concurrency, until, latencies, statuses)
-                    for k in range(concurrency)
-                )
+                *(_client(client, bodies, k, concurrency, until, w) for k in range(concurrency))
             )
             elapsed = time.perf_counter() - started
-            if phase == "warmup":
-                continue
-    lat_ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-    ok = statuses.get("200", 0)
+    lat_ms = np.array(w.latencies) * 1000 if w.latencies else np.array([float("nan")])
+    requests = sum(w.statuses.values())
     return LoadResult(
         concurrency=concurrency,
         seconds=elapsed,
-        requests=sum(statuses.values()),
-        pairs=ok,
-        errors=sum(statuses.values()) - ok,
-        statuses=dict(statuses),
-        pairs_per_s=ok / elapsed,
+        requests=requests,
+        pairs=w.pairs,
+        errors=requests - w.statuses.get("200", 0),
+        statuses=dict(w.statuses),
+        pairs_per_s=w.pairs / elapsed if elapsed > 0 else 0.0,
         p50_ms=float(np.percentile(lat_ms, 50)),
         p95_ms=float(np.percentile(lat_ms, 95)),
         p99_ms=float(np.percentile(lat_ms, 99)),
@@ -135,8 +149,17 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
     p.add_argument("--images", type=Path, default=IMAGENET)
     p.add_argument("--pairs", type=int, default=500, help="distinct pairs to cycle through")
+    p.add_argument(
+        "--candidates", type=int, default=1, help="candidates per request (N > 1: 1-to-N)"
+    )
+    p.add_argument(
+        "--shared-references", type=int, default=8, help="1-to-N: distinct references cycled"
+    )
     args = p.parse_args()
-    bodies = pair_bodies(args.images, args.pairs)
+    if args.candidates > 1:
+        bodies = fanout_bodies(args.images, args.candidates, args.shared_references)
+    else:
+        bodies = pair_bodies(args.images, args.pairs)
     result = asyncio.run(run_load(args.url, bodies, args.concurrency, args.duration, args.warmup))
     print(json.dumps(asdict(result)))
 

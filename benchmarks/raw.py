@@ -6,15 +6,20 @@ Two ways of running the same ``lpips-alex`` model, each on batches of ``--batch`
   ``RLPIPS_TORCH_THREADS``; defaults as the service resolves them);
 * ``plain``: ``LPIPS(x0, x1)`` with torch's own intra-op threading (or ``RLPIPS_TORCH_THREADS``).
 
-``pairs_per_s`` is the better of the two — the ceiling the service is measured against.
+``pairs_per_s`` is the better of the two — the ceiling the service is measured against. Each variant also
+reports the median wall time of one batch (``*_batch_ms``); at ``--batch 1`` the better of the two is the
+single-pair inference time (``batch_ms``) that issue 7's concurrency-1 latency target is compared with.
+Several batch sizes (``--batch 32,1``) run in one process, one JSON line each.
 
     python -m benchmarks.raw --resolution 256 --batch 32 --duration 30
+    python -m benchmarks.raw --resolution 64 --batch 32,1 --duration 10
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 
@@ -27,24 +32,28 @@ from app.service import cpu_threads
 from benchmarks.loadgen import IMAGENET
 
 
-def _rate(step: Callable[[], int], duration_s: float, warmup_s: float) -> tuple[float, float]:
-    """``(pairs per second, CPU milliseconds per pair)`` of ``step`` (which returns its pairs)."""
+def _rate(
+    step: Callable[[], int], duration_s: float, warmup_s: float
+) -> tuple[float, float, float]:
+    """``(pairs per second, CPU ms per pair, median ms per step)`` of ``step`` (returns its pairs)."""
     t_end = time.perf_counter() + warmup_s
     while time.perf_counter() < t_end:
         step()
-    pairs = 0
+    pairs, steps = 0, []
     started, cpu0 = time.perf_counter(), time.process_time()
     while time.perf_counter() < started + duration_s:
+        t0 = time.perf_counter()
         pairs += step()
+        steps.append(time.perf_counter() - t0)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
-    return pairs / elapsed, 1000 * cpu / pairs
+    return pairs / elapsed, 1000 * cpu / pairs, 1000 * statistics.median(steps)
 
 
 def raw_throughput(
     resolution: int, batch: int, duration_s: float, warmup_s: float = 3.0
 ) -> dict[str, float]:
-    """Pairs/s and CPU ms/pair of ``lpips-alex`` as ``engine`` and ``plain``; the better one as
-    ``pairs_per_s`` / ``cpu_ms_per_pair``."""
+    """Pairs/s, CPU ms/pair and median ms per batch of ``lpips-alex`` as ``engine`` and ``plain``; the
+    better one (by pairs/s) as ``pairs_per_s`` / ``cpu_ms_per_pair``, the faster batch as ``batch_ms``."""
     settings = Settings()
     store = settings.store()
     files = sorted(IMAGENET.glob("*.JPEG"))[: 4 * batch]
@@ -67,7 +76,9 @@ def raw_throughput(
         engine.compute(qs, use_cache=False)
         return len(qs)
 
-    out["engine"], out["engine_cpu_ms_per_pair"] = _rate(engine_step, duration_s, warmup_s)
+    out["engine"], out["engine_cpu_ms_per_pair"], out["engine_batch_ms"] = _rate(
+        engine_step, duration_s, warmup_s
+    )
 
     torch.set_num_threads(settings.torch_threads or default_threads)
     metric = store.load("lpips-alex")
@@ -85,22 +96,26 @@ def raw_throughput(
             metric(x0, x1)
         return int(x0.shape[0])
 
-    out["plain"], out["plain_cpu_ms_per_pair"] = _rate(plain_step, duration_s, warmup_s)
+    out["plain"], out["plain_cpu_ms_per_pair"], out["plain_batch_ms"] = _rate(
+        plain_step, duration_s, warmup_s
+    )
     best = "engine" if out["engine"] >= out["plain"] else "plain"
     out["pairs_per_s"] = out[best]
     out["cpu_ms_per_pair"] = out[f"{best}_cpu_ms_per_pair"]
+    out["batch_ms"] = min(out["engine_batch_ms"], out["plain_batch_ms"])
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", default="32", help="batch size(s), comma-separated")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds per variant")
     p.add_argument("--warmup", type=float, default=3.0)
     args = p.parse_args()
-    rates = raw_throughput(args.resolution, args.batch, args.duration, args.warmup)
-    print(json.dumps(rates | {"batch": args.batch, "resolution": args.resolution}))
+    for batch in (int(b) for b in args.batch.split(",") if b):
+        rates = raw_throughput(args.resolution, batch, args.duration, args.warmup)
+        print(json.dumps(rates | {"batch": batch, "resolution": args.resolution}), flush=True)
 
 
 if __name__ == "__main__":
