@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         "auto",
         description="trunk compute dtype for distances (autocast); auto = fp16 on CUDA, fp32 on CPU",
     )
+    channels_last: bool = Field(
+        True, description="trunk weights and input batches in channels-last memory format"
+    )
     cpu_streams: int = Field(
         0, ge=0, description="CPU: concurrent chunks per trunk pass; 0 = one per core, 1 = off"
     )

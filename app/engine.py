@@ -135,7 +135,8 @@ class Engine:
     """Models ``models`` from ``store`` on ``device`` at working resolution ``resolution`` (square).
 
     ``precision``: the dtype the trunks run in for distances (float16 / bfloat16 via autocast, or
-    float32); normalisation and heads stay float32 either way.
+    float32); normalisation and heads stay float32 either way. ``channels_last``: trunk weights and
+    input batches in channels-last memory format (measured 1.1–2× faster on CPU, benchmarks/optim.py).
 
     ``streams`` > 1 (CPU): each trunk pass is split into that many chunks run concurrently from a small
     thread pool (inter-op parallelism; use with 1 intra-op thread). On a few shared cores this keeps
@@ -152,6 +153,7 @@ class Engine:
         observer: EngineObserver | None = None,
         streams: int = 1,
         precision: torch.dtype = torch.float32,
+        channels_last: bool = True,
     ) -> None:
         if precision not in DTYPES.values():
             raise ValueError(f"precision must be one of {list(DTYPES.values())}, got {precision}")
@@ -163,6 +165,7 @@ class Engine:
         self.observer = observer
         self.streams = streams
         self.precision = precision
+        self.channels_last = channels_last
         self._pool = ThreadPoolExecutor(streams, "rlpips-stream") if streams > 1 else None
         self.trunks: dict[str, Trunk] = {}
         self.heads: dict[str, Heads] = {}
@@ -176,7 +179,8 @@ class Engine:
             entry = self.store.model(name)
             trunk_id = entry.trunk.file
             if trunk_id not in self.trunks:
-                self.trunks[trunk_id] = self.store.load_trunk(name).to(self.device)
+                trunk = self.store.load_trunk(name).to(self.device)
+                self.trunks[trunk_id] = trunk.to(memory_format=self._memory_format)
             heads = self.store.load_heads(name).to(self.device)
             LPIPS(self.trunks[trunk_id], heads)  # validates that the heads fit the trunk
             self.heads[name] = heads
@@ -277,15 +281,20 @@ class Engine:
         return [torch.cat([p[layer] for p in parts]) for layer in range(len(parts[0]))]
 
     def _to_device(self, images: list[Tensor]) -> Tensor:
-        """``images`` stacked to ``[N, 3, H, W]`` on the device. CUDA: stacked straight into a pinned
-        host buffer (torch's caching host allocator reuses it once the copy is done), then one
-        non-blocking copy for the whole batch."""
+        """``images`` stacked to ``[N, 3, H, W]`` on the device, in the trunk's memory format. CUDA:
+        stacked straight into a pinned host buffer (torch's caching host allocator reuses it once the
+        copy is done), one non-blocking copy for the whole batch, the layout change on the device."""
         if self.device.type != "cuda":
-            return torch.stack(images).to(self.device)
+            return torch.stack(images).to(self.device, memory_format=self._memory_format)
         first = images[0]
         pinned = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=True)
         torch.stack(images, out=pinned)
-        return pinned.to(self.device, non_blocking=True)
+        x = pinned.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self._memory_format)
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def _distances(
         self, model: str, queries: list[Query], table: Features, rows: dict[str, int]

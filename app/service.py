@@ -127,6 +127,7 @@ class Runtime:
             telemetry,
             streams=self.streams,
             precision=resolve_precision(settings.precision, self.device),
+            channels_last=settings.channels_last,
         )
         self.worker = DeviceWorker("rlpips-device", initializer=self._init_device_thread)
         #: Test hook: called on the device thread with each distance batch before the engine runs it
@@ -196,13 +197,14 @@ class Runtime:
         self.engine.load()
         self.engine.warmup()
         log.info(
-            "models %s loaded and warmed on %s at %dx%d, trunk precision %s, in %.1f s "
+            "models %s loaded and warmed on %s at %dx%d, trunk precision %s, %s layout, in %.1f s "
             "(%d streams, %d intra-op threads)",
             ", ".join(self.models),
             self.device,
             self.resolution,
             self.resolution,
             str(self.engine.precision).removeprefix("torch."),
+            "channels-last" if self.engine.channels_last else "contiguous",
             time.perf_counter() - t0,
             self.streams,
             torch.get_num_threads(),

@@ -181,3 +181,41 @@ def test_inference_mode_stays_local(engine: Engine, images: list[Image]) -> None
 def test_unknown_model_is_refused(engine: Engine, images: list[Image]) -> None:
     with pytest.raises(KeyError, match="lpips-vgg"):
         engine.compute([Query("lpips-vgg", images[0], (images[1],))])
+
+
+def test_channels_last_layout_gives_the_same_answers(
+    store: ModelStore, engine: Engine, images: list[Image]
+) -> None:
+    """The default layout (channels-last weights and inputs) against contiguous NCHW, and the layout
+    really reaches the trunk (weights and the batch it sees)."""
+    flat = Engine(store, MODELS, torch.device("cpu"), RES, channels_last=False)
+    flat.load()
+    a, b, c, d, e, _ = images
+    queries = [
+        Query("lpips-alex", a, (b, c)),
+        Query("lpips-squeeze", d, (e,), spatial=True),
+    ]
+    layouts: list[bool] = []
+    hooks = [
+        t.register_forward_pre_hook(
+            lambda _m, args: layouts.append(
+                args[0].is_contiguous(memory_format=torch.channels_last)
+                and not args[0].is_contiguous()
+            )
+        )
+        for t in (*engine.trunks.values(), *flat.trunks.values())
+    ]
+    try:
+        got = engine.compute(queries, use_cache=False)
+        want = flat.compute(queries, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert engine.channels_last and layouts == [True, True, False, False]
+    conv = engine.trunks["alexnet-imagenet"].features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for g, w in zip(got, want, strict=True):
+        assert g.distances == pytest.approx(w.distances, abs=1e-5)
+        torch.testing.assert_close(torch.tensor(g.per_layer), torch.tensor(w.per_layer))
+    assert got[1].spatial is not None and want[1].spatial is not None
+    torch.testing.assert_close(torch.stack(got[1].spatial), torch.stack(want[1].spatial))

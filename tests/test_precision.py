@@ -200,6 +200,9 @@ def test_precision_setting_reaches_the_engine(
         assert Runtime(s, store, Telemetry()).engine.precision == dtype
     with pytest.raises(ValueError, match="precision"):
         Engine(store, ["lpips-alex"], torch.device("cpu"), 64, precision=torch.float64)
+    for channels_last in (True, False):  # the layout setting travels the same way
+        s = Settings(weights_dir=weights_dir, models=["lpips-alex"], channels_last=channels_last)
+        assert Runtime(s, store, Telemetry()).engine.channels_last is channels_last
 
 
 def test_startup_log_names_the_precision(
