@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="per-image decoded pixel limit")
     max_candidates: int = Field(32, ge=1)
     decode_threads: int = Field(2, ge=1)
+    jpeg_draft: bool = Field(
+        False,
+        description="opt-in: decode JPEGs at a reduced DCT scale (faster; moves distances up to 0.027)",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",

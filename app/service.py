@@ -234,6 +234,7 @@ class Runtime:
     def prepare(self, data: bytes) -> Image:
         """Decode + resize one image to the working resolution (runs in the decode pool)."""
         t0 = time.perf_counter()
-        image = Image(load_tensor(data, self.resolution, self.limits), content_key(data))
+        tensor = load_tensor(data, self.resolution, self.limits, self.settings.jpeg_draft)
+        image = Image(tensor, content_key(data))
         self.telemetry.decoded(time.perf_counter() - t0)
         return image

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from app.cli import main as cli_main
 from tests.apiutil import (
@@ -128,3 +129,22 @@ def test_http_agrees_with_the_cli_at_256(
     http = asyncio.run(over_http())
     assert http == pytest.approx(cli, abs=1e-4)
     assert min(cli) > 0.1
+
+
+def test_jpeg_draft_setting_reaches_decoding(weights_dir: Path) -> None:
+    """``RLPIPS_JPEG_DRAFT`` is off by default (full decode) and, when on, decodes like
+    ``load_tensor(..., draft=True)``."""
+    from app.imaging import load_tensor
+    from app.service import Runtime
+    from app.telemetry import Telemetry
+
+    data = (IMAGENET / sorted(p.name for p in IMAGENET.glob("*.JPEG"))[0]).read_bytes()
+    for draft in (False, True):
+        s = settings(weights_dir, **({"jpeg_draft": True} if draft else {}))
+        rt = Runtime(s, s.store(), Telemetry())
+        try:
+            got = rt.prepare(data).tensor
+        finally:
+            rt.decode_pool.shutdown()
+        assert torch.equal(got, load_tensor(data, 64, draft=draft))
+    assert not torch.equal(load_tensor(data, 64, draft=True), load_tensor(data, 64))
