@@ -19,13 +19,18 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resolution: int = Field(256, ge=16, le=1024, description="working resolution (square side)")
     max_batch_pairs: int = Field(32, ge=1, le=1024)
-    max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="extra wait for a batch to fill; 0: run as soon as the device is free",
+    )
     queue_size: int = Field(256, ge=1, description="admission queue bound, in pairs")
     deadline_s: float = Field(10.0, gt=0, description="per-request deadline")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1, description="per-image decoded pixel limit")
     max_candidates: int = Field(32, ge=1)
-    decode_threads: int = Field(2, ge=1)
+    decode_threads: int = Field(0, ge=0, description="decode + resize threads; 0 = two per core")
     jpeg_draft: bool = Field(
         False,
         description="opt-in: decode JPEGs at a reduced DCT scale (faster; moves distances up to 0.027)",

@@ -105,6 +105,13 @@ def cpu_threads(settings: Settings, device: torch.device) -> tuple[int, int]:
     return streams, settings.torch_threads or (1 if streams > 1 else 0)
 
 
+def decode_threads(settings: Settings) -> int:
+    """Decode + resize threads: the setting, or two per core (``0``). Pillow releases the GIL while
+    decoding and resizing; on the 2-core benchmark machine 4 threads beat 2 by 12 % at 64² (c=32) and
+    matched them at 256² (docs/BENCHMARKS.md)."""
+    return settings.decode_threads or 2 * len(os.sched_getaffinity(0))
+
+
 class Runtime:
     """Everything that serves requests; ``start()`` loads and warms the models on the device thread."""
 
@@ -144,7 +151,7 @@ class Runtime:
             max_failures=settings.max_batch_failures,
         )
         self.jobs = JobRunner(self.worker, settings.max_attack_jobs, telemetry)
-        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, "rlpips-decode")
+        self.decode_pool = ThreadPoolExecutor(decode_threads(settings), "rlpips-decode")
         self.started = False
         self.draining = False
         self._probed_at = -math.inf
