@@ -173,3 +173,24 @@ def test_fanout_bodies_share_references_and_spread_candidates(tmp_path: Path) ->
     assert refs == [(b"reference", b"img00"), (b"reference", b"img01"), (b"reference", b"img00")]
     candidates = [f for n in names for kind, f in n[1:] if kind == b"candidate"]
     assert len(candidates) == len(set(candidates)) == 9  # every other image, once
+
+
+def test_profile_breakdown_groups_busy_samples_by_stage() -> None:
+    from benchmarks.profile import breakdown
+
+    raw = "\n".join(
+        [
+            "thread (0x1): MainThread;run (uvicorn);parse (multipart) 30",
+            "thread (0x2): rlpips-decode_0;_worker (concurrent/futures/thread.py:83);"
+            "Runtime.prepare (app/service.py:240);ImageFile.load (PIL/ImageFile.py:300) 40",
+            "thread (0x2): rlpips-decode_0;Runtime.prepare (app/service.py:240);"
+            "Image.resize (PIL/Image.py:2200) 20",
+            "thread (0x3): rlpips-stream_0;_forward (app/engine.py:400);conv (torch) 10",
+            "thread (0x4): rlpips-decode_1;_worker (concurrent/futures/thread.py:83);"
+            "get (queue.py:171) 500",
+        ]
+    )
+    shares = breakdown(raw)
+    assert shares == pytest.approx(
+        {"decode: jpeg decode": 0.4, "http/asyncio": 0.3, "decode: resize": 0.2, "model": 0.1}
+    )
