@@ -2,7 +2,8 @@
 
 Two ways of running the same ``lpips-alex`` model, each on batches of ``--batch`` distinct pairs:
 
-* ``engine``: the service's engine with the service's thread settings (``RLPIPS_CPU_STREAMS``,
+* ``engine``: the service's engine with the service's device, precision and thread settings
+  (``RLPIPS_DEVICE``, ``RLPIPS_PRECISION``, ``RLPIPS_CPU_STREAMS``,
   ``RLPIPS_TORCH_THREADS``; defaults as the service resolves them);
 * ``plain``: ``LPIPS(x0, x1)`` with torch's own intra-op threading (or ``RLPIPS_TORCH_THREADS``).
 
@@ -25,8 +26,9 @@ from collections.abc import Callable
 
 import torch
 
+from app.cli import pick_device
 from app.config import Settings
-from app.engine import Engine, Image, Query
+from app.engine import Engine, Image, Query, resolve_precision
 from app.imaging import load_tensor
 from app.service import cpu_threads
 from benchmarks.loadgen import IMAGENET
@@ -65,9 +67,19 @@ def raw_throughput(
     default_threads = torch.get_num_threads()
     out: dict[str, float] = {}
 
-    streams, threads = cpu_threads(settings, torch.device("cpu"))
+    device = pick_device(settings.device)
+    streams, threads = cpu_threads(settings, device)
     torch.set_num_threads(threads or default_threads)
-    engine = Engine(store, ["lpips-alex"], torch.device("cpu"), resolution, streams=streams)
+    precision = resolve_precision(settings.precision, device)
+    engine = Engine(
+        store,
+        ["lpips-alex"],
+        device,
+        resolution,
+        streams=streams,
+        precision=precision,
+        channels_last=settings.channels_last,
+    )
     engine.load()
     k = iter(range(1 << 62))
 
@@ -81,11 +93,11 @@ def raw_throughput(
     )
 
     torch.set_num_threads(settings.torch_threads or default_threads)
-    metric = store.load("lpips-alex")
+    metric = store.load("lpips-alex", device)
     stacked = [
         (
-            torch.stack([q.reference.tensor for q in qs]),
-            torch.stack([q.candidates[0].tensor for q in qs]),
+            torch.stack([q.reference.tensor for q in qs]).to(device),
+            torch.stack([q.candidates[0].tensor for q in qs]).to(device),
         )
         for qs in batches
     ]
@@ -93,7 +105,7 @@ def raw_throughput(
     def plain_step() -> int:
         x0, x1 = stacked[next(k) % len(stacked)]
         with torch.inference_mode():
-            metric(x0, x1)
+            metric(x0, x1).cpu()  # waits for the device
         return int(x0.shape[0])
 
     out["plain"], out["plain_cpu_ms_per_pair"], out["plain_batch_ms"] = _rate(
