@@ -34,5 +34,11 @@ test: lint
 serve: venv
 	.venv/bin/rlpips serve --host $(HOST) --port $(PORT)
 
+# issue 7's CPU tables and plot (about 25 minutes on 2 cores; run on an otherwise idle machine)
+bench: venv
+	$(PY) -m benchmarks.run --resolution 64 --concurrency 1,8,32 --duration 10 --warmup 3 --repeats 3 --torch-threads 1 --json docs/benchmarks/cpu-64.json
+	$(PY) -m benchmarks.run --resolution 256 --concurrency 1,8,32 --duration 10 --warmup 3 --repeats 3 --torch-threads 1 --json docs/benchmarks/cpu-256.json
+	$(PY) -m benchmarks.plot docs/benchmarks/cpu-64.json docs/benchmarks/cpu-256.json --out docs/benchmarks/throughput.png
+
 clean:
 	rm -rf .venv .mypy_cache .pytest_cache .ruff_cache
