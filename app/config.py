@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.engine import Precision
 from app.metric.store import DEFAULT_STORE, ModelStore
 
 
@@ -36,7 +37,7 @@ class Settings(BaseSettings):
         description="opt-in: decode JPEGs at a reduced DCT scale (faster; moves distances up to 0.027)",
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+    precision: Precision = Field(
         "auto",
         description="trunk compute dtype for distances (autocast); auto = fp16 on CUDA, fp32 on CPU",
     )

@@ -48,10 +48,10 @@ DTYPES: dict[str, torch.dtype] = {
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
     """The trunk's compute dtype: ``auto`` → float16 on CUDA, float32 elsewhere; else the named one.
 
-    float32 on CPU: bfloat16 autocast is ×1.4–1.6 faster on a CPU with native bf16 (AVX512-BF16) but
+    float32 on CPU: bfloat16 autocast ran ×1.3–1.6 faster on the benchmark CPU (AVX512-BF16) but
     misses the 1e-3 parity bar (lpips-squeeze golden pairs 1.6e-3, lpips-alex ImageNet pairs at 64²
-    1.2e-3) and has no fast kernels on CPUs without bf16; float16 autocast runs ×0.2–0.3 of float32 on
-    CPU (benchmarks/optim.py, tests/test_precision.py).
+    1.2e-3); float16 autocast ran ×0.2–0.3 of float32 on that CPU (docs/benchmarks/optim.json,
+    tests/test_precision.py).
     """
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -137,9 +137,9 @@ class Engine:
 
     ``precision``: the dtype the trunks run in for distances (float16 / bfloat16 via autocast, or
     float32); normalisation and heads stay float32 either way. ``channels_last``: trunk weights and
-    input batches in channels-last memory format (2-core CPU, benchmarks/optim.py: ×1.19 pairs/s at
-    256² and ×1.07 at 64² in batches of 32, ×1.95 at 64² one pair at a time; attack steps, which share
-    the trunk, ×0.95 at 256²).
+    input batches in channels-last memory format (2-core CPU, docs/benchmarks/optim.json: ×1.17 pairs/s
+    at 256² and ×1.06 at 64² in batches of 32, ×1.87 at 64² one pair at a time; attack steps, which
+    share the trunk, ×0.95 at 256²).
 
     ``streams`` > 1 (CPU): each trunk pass is split into that many chunks run concurrently from a small
     thread pool (inter-op parallelism; use with 1 intra-op thread). On a few shared cores this keeps
