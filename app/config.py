@@ -1,15 +1,52 @@
-"""All settings in one place: environment variables with prefix ``RLPIPS_`` (pydantic-settings)."""
+"""All settings in one place: environment variables with prefix ``RLPIPS_`` (pydantic-settings), and
+the choices they imply (device, trunk precision). Imports nothing of the app but the model store."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.engine import Precision
 from app.metric.store import DEFAULT_STORE, ModelStore
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def pick_device(name: Device | str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    """The trunk's compute dtype: ``auto`` → float16 on CUDA, float32 elsewhere; else the named one.
+
+    float32 on CPU: bfloat16 autocast ran ×1.3–1.6 faster on the benchmark CPU (AVX512-BF16) but
+    misses the 1e-3 parity bar (lpips-squeeze golden pairs 1.6e-3, lpips-alex ImageNet pairs at 64²
+    1.2e-3); float16 autocast ran ×0.2–0.3 of float32 on that CPU (docs/benchmarks/optim.json,
+    tests/unit/test_precision.py).
+    """
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[precision]
+
+
+def comma_list(values: str | Iterable[str] | None) -> list[str]:
+    """``"a, b"``, ``["a,b", "c"]`` → ``["a", "b", "c"]``: split on commas, stripped, empty parts and
+    repeats dropped, order kept (model lists, API keys)."""
+    items = [values] if isinstance(values, str) else list(values or [])
+    return list(dict.fromkeys(p.strip() for v in items for p in v.split(",") if p.strip()))
 
 
 class Settings(BaseSettings):
@@ -17,7 +54,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RLPIPS_", extra="ignore")
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     resolution: int = Field(256, ge=16, le=1024, description="working resolution (square side)")
     max_batch_pairs: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(
@@ -73,9 +110,7 @@ class Settings(BaseSettings):
     @field_validator("models", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return comma_list(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _drain_within_grace(self) -> Settings:

@@ -1,7 +1,9 @@
-"""Image decoding with limits, the input convention, resizing and heat-map encoding.
+"""Image decoding with limits, the input convention, resizing and PNG / heat-map encoding.
 
 Convention: decode to RGB uint8 (EXIF orientation applied, greyscale/palette converted, alpha composited on
 white) → float ``[0, 1]`` → ``2x − 1``. Pixel limits are checked from the header before the full decode.
+The metric works on ``[-1, 1]`` ("signed") images, the attacks on ``[0, 1]`` ("unit") pixel units:
+:func:`to_unit` and :func:`to_signed` convert between the two.
 """
 
 from __future__ import annotations
@@ -20,12 +22,29 @@ DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 
 
 class ImageError(ValueError):
-    """An input that cannot be used as an image; ``code`` is the API error code."""
+    """An input that cannot be used as an image; the subclass says why. ``source`` names the input
+    (e.g. ``reference``) once the caller knows it (:meth:`at`)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, message: str, source: str | None = None) -> None:
         super().__init__(message)
-        self.code = code
         self.message = message
+        self.source = source
+
+    def at(self, source: str) -> ImageError:
+        """The same error, naming the input it came from."""
+        return type(self)(self.message, source)
+
+
+class InvalidImage(ImageError):
+    """Not decodable: empty, not an image, truncated, corrupt."""
+
+
+class ImageTooLarge(ImageError):
+    """Declares more pixels than the limit (refused before decoding)."""
+
+
+class UnsupportedFormat(ImageError):
+    """A real image in a format that is not allowed."""
 
 
 @dataclass(frozen=True)
@@ -37,32 +56,29 @@ class DecodeLimits:
 def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
     """Open ``data``, check format and header size against ``limits``; not yet fully decoded."""
     if not data:
-        raise ImageError("invalid_image", "the image is empty (0 bytes)")
+        raise InvalidImage("the image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError("invalid_image", "the data is not an image in a known format") from None
+        raise InvalidImage("the data is not an image in a known format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(
-            "image_too_large",
+        raise ImageTooLarge(
             f"the image header declares too many pixels (over the limit of {limits.max_pixels}); "
             f"refused before decoding: {exc}",
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError("invalid_image", f"cannot read the image header: {exc}") from None
+        raise InvalidImage(f"cannot read the image header: {exc}") from None
     if img.format not in limits.formats:
-        raise ImageError(
-            "unsupported_media_type",
+        raise UnsupportedFormat(
             f"image format {img.format} is not allowed; allowed: {', '.join(sorted(limits.formats))}",
         )
     w, h = img.size
     if w < 1 or h < 1:
-        raise ImageError("invalid_image", f"image has no pixels ({w}x{h})")
+        raise InvalidImage(f"image has no pixels ({w}x{h})")
     if w * h > limits.max_pixels:
-        raise ImageError(
-            "image_too_large",
+        raise ImageTooLarge(
             f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}",
         )
     return img
@@ -86,7 +102,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgb = img.convert("RGB")
         rgb.load()
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError("invalid_image", f"cannot decode the image: {exc}") from None
+        raise InvalidImage(f"cannot decode the image: {exc}") from None
     return rgb
 
 
@@ -122,6 +138,16 @@ def load_tensor(
     if draft and size is not None and img.format == "JPEG":
         img.draft(None, (size, size))
     return to_tensor(resize(to_rgb(img), size))
+
+
+def to_unit(x: Tensor) -> Tensor:
+    """Images in ``[-1, 1]`` (the metric's convention) → ``[0, 1]`` pixel units (the attacks')."""
+    return (x + 1) / 2
+
+
+def to_signed(x: Tensor) -> Tensor:
+    """Images in ``[0, 1]`` pixel units → ``[-1, 1]`` (the metric's convention)."""
+    return 2 * x - 1
 
 
 def tensor_to_png(x: Tensor) -> bytes:

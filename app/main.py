@@ -15,12 +15,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
-from app.api import errors, robustness
+from app.api import distance, errors, probes, robustness
 from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
 from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from app.api.routes import router
 from app.config import Settings
-from app.service import Runtime, configured_models
+from app.serving.runtime import Runtime, configured_models
 from app.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -69,8 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.default_model = default_model
     app.state.telemetry = Telemetry()
     app.state.runtime = None
-    app.include_router(router)
-    app.include_router(robustness.router)
+    for module in (distance, robustness, probes):
+        app.include_router(module.router)
     endpoints = {getattr(r, "path", "") for r in app.routes}
     # Middleware, outermost last: metrics → API keys → catch-all 500 → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -22,7 +22,7 @@ from typing import Any
 
 from fastapi.routing import APIRoute, serialize_response
 
-from app.api.routes import router
+from app.api.distance import router
 from app.api.schemas import DistanceResponse, PairResult, Timing
 
 

@@ -40,11 +40,11 @@ import torch
 from torch import Tensor, nn
 
 from app.config import Settings
-from app.engine import Engine, Image, Query
 from app.imaging import load_tensor
+from app.metric.engine import Engine, Image, Query
 from app.metric.lpips import LPIPS, Heads
 from app.metric.trunks import Trunk
-from app.service import cpu_threads
+from app.serving.runtime import cpu_threads
 
 IMAGENET = Path(__file__).resolve().parents[2] / "shared" / "images" / "imagenet-sample"
 MODEL = "lpips-alex"

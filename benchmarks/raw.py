@@ -26,11 +26,10 @@ from collections.abc import Callable
 
 import torch
 
-from app.cli import pick_device
-from app.config import Settings
-from app.engine import Engine, Image, Query, resolve_precision
+from app.config import Settings, pick_device, resolve_precision
 from app.imaging import load_tensor
-from app.service import cpu_threads
+from app.metric.engine import Engine, Image, Query
+from app.serving.runtime import cpu_threads
 from benchmarks.loadgen import IMAGENET
 
 

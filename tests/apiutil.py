@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
 from app.main import create_app
-from app.service import Runtime
+from app.serving.runtime import Runtime
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 IMAGENET = SHARED / "images" / "imagenet-sample"

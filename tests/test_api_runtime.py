@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from app.cli import main as cli_main
+from app.cli.main import main as cli_main
 from tests.apiutil import (
     IMAGENET,
     call_then_disconnect,
@@ -135,7 +135,7 @@ def test_jpeg_draft_setting_reaches_decoding(weights_dir: Path) -> None:
     """``RLPIPS_JPEG_DRAFT`` is off by default (full decode) and, when on, decodes like
     ``load_tensor(..., draft=True)``."""
     from app.imaging import load_tensor
-    from app.service import Runtime
+    from app.serving.runtime import Runtime
     from app.telemetry import Telemetry
 
     data = (IMAGENET / sorted(p.name for p in IMAGENET.glob("*.JPEG"))[0]).read_bytes()
@@ -143,7 +143,7 @@ def test_jpeg_draft_setting_reaches_decoding(weights_dir: Path) -> None:
         s = settings(weights_dir, **({"jpeg_draft": True} if draft else {}))
         rt = Runtime(s, s.store(), Telemetry())
         try:
-            got = rt.prepare(data).tensor
+            got = asyncio.run(rt.decode([("image", data)]))[0].tensor
         finally:
             rt.decode_pool.shutdown()
         assert torch.equal(got, load_tensor(data, 64, draft=draft))

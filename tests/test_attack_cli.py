@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
+from app.cli.main import main
 from app.imaging import decode
 
 KODAK = "kodak24/kodim{:02d}.png"

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.attacks import (
+from app.attacks.pgd import (
     Norm,
     default_step_size,
     l2_norms,
@@ -20,10 +20,16 @@ from app.attacks import (
     quantize,
     to_levels,
 )
+from app.attacks.robustness import (
+    DEFAULT_EPSILON,
+    AttackSpec,
+    RobustnessJob,
+    Target,
+    robustness_check,
+)
 from app.imaging import load_tensor
 from app.metric.lpips import LPIPS, Heads
 from app.metric.store import ModelStore
-from app.robustness import DEFAULT_EPSILON, AttackSpec, RobustnessJob, Target, robustness_check
 
 TOL = 1e-6
 
@@ -237,9 +243,8 @@ def test_evade_increases_and_impersonate_decreases(
     eps = DEFAULT_EPSILON[norm]
     for r in (up, down):
         assert (r.linf if norm == "linf" else r.l2) <= eps + TOL
-    d = up.as_dict()
-    assert d["change"] == pytest.approx(up.adversarial_distance - up.clean_distance)
-    assert d["flipped"] == (d["clean_match"] != d["adversarial_match"])
+    assert up.change == pytest.approx(up.adversarial_distance - up.clean_distance)
+    assert up.flipped == (up.clean_match != up.adversarial_match)
 
 
 def test_seeds_reproduce_and_default_seed_is_reported(alex: LPIPS, images_dir: Path) -> None:

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 
 import pytest
 
-from app.batching import DeadlineExceeded, Draining, MicroBatcher, Overloaded, WorkerStopped
-from app.worker import DeviceWorker, JobRunner
+from app.serving.batching import MicroBatcher
+from app.serving.errors import DeadlineExceeded, Draining, Overloaded, WorkerStopped
+from app.serving.worker import DeviceWorker, JobRunner
 
 
 class Recorder:

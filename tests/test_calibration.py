@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.calibration import best_threshold
-from app.cli import main
+from app.cli.main import main
+from app.training.calibration import best_threshold
 
 
 def test_separable_sets_give_the_midpoint_of_the_gap() -> None:

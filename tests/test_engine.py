@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import Engine, FeatureCache, Image, Query, content_key
 from app.imaging import load_tensor
+from app.metric.engine import Engine, FeatureCache, Image, Query, content_key
 from app.metric.store import ModelStore
 
 RES = 64

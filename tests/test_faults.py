@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import Query
+from app.metric.engine import Query
 from tests.apiutil import hold_device, multipart, runtime, serve, settings, until
 from tests.badinputs import gradient, jpeg, png_of
 
@@ -129,7 +129,7 @@ async def test_repeated_failure_turns_readiness_off_until_the_device_recovers(
 async def test_readiness_probe_recovers_without_traffic(
     weights_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("app.service.PROBE_EVERY_S", 0.0)
+    monkeypatch.setattr("app.serving.runtime.PROBE_EVERY_S", 0.0)
     s = settings(weights_dir, max_wait_ms=0, max_batch_failures=1)
     async with serve(s) as (client, app):
         rt = runtime(app)

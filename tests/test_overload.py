@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.engine import Query
+from app.metric.engine import Query
 from tests.apiutil import (
     call_then_disconnect,
     hold_device,

@@ -18,12 +18,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.config import Settings
-from app.engine import Engine, Image, Query, content_key, resolve_precision
+from app.config import Settings, resolve_precision
 from app.imaging import load_tensor
+from app.metric.engine import Engine, Image, Query, content_key
 from app.metric.lpips import normalize
 from app.metric.store import ModelStore
-from app.service import Runtime
+from app.serving.runtime import Runtime
 from app.telemetry import Telemetry
 
 #: lpips-alex and lpips-squeeze (two trunks), and the shipped default (project-trained robust heads).
@@ -222,7 +222,7 @@ def test_startup_log_names_the_precision(
         await rt.start()
         await rt.stop()
 
-    with caplog.at_level(logging.INFO, logger="app.service"):
+    with caplog.at_level(logging.INFO, logger="app.serving.runtime"):
         asyncio.run(start_stop())
     assert any("trunk precision bfloat16" in r.getMessage() for r in caplog.records)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.cli import main
+from app.cli.main import main
 from app.metric import LPIPS, Heads, Trunk
 from app.metric.loaders import LayoutError, head_weights, read_state, save_bundle, trunk_state
 from app.metric.store import ModelStore, WeightsError, file_hashes

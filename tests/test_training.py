@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from app.cli import main
+from app.cli.main import main
+from app.imaging import to_signed
 from app.metric.lpips import LPIPS
 from app.metric.store import ModelStore
 from app.training import distortions
-from app.training.cli import load_metric
 from app.training.datasets import (
     OBJECTIVE,
     TEACHER,
@@ -26,8 +26,8 @@ from app.training.datasets import (
     read_bapps,
     split_sources,
 )
-from app.training.evaluate import AttackSpec, evaluate
-from app.training.model import to_metric
+from app.training.evaluate import TwoAFCAttack, evaluate
+from app.training.model import load_metric
 from app.training.train import TrainConfig, Trainer, export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_same_distortion_labels_are_objective(tiny: dict[str, TripletSet]) -> No
 
 def test_teacher_labels_follow_lpips_with_margin(tiny: dict[str, TripletSet], lpips: LPIPS) -> None:
     d = tiny["train"].subset(torch.nonzero(tiny["train"].kind == TEACHER).flatten())
-    ref, p0, p1 = (to_metric(x) for x in d.images())
+    ref, p0, p1 = (to_signed(x) for x in d.images())
     with torch.no_grad():
         d0, d1 = lpips(ref, p0), lpips(ref, p1)
     assert torch.equal(d.h, (d1 < d0).float())
@@ -212,11 +212,11 @@ def test_train_and_evaluate_cli(tmp_path: Path, images_dir: Path) -> None:
 
 
 def test_attack_lowers_lpips_2afc_accuracy(tiny: dict[str, TripletSet], lpips: LPIPS) -> None:
-    scores = evaluate(lpips, tiny["val"], AttackSpec(steps=5))
+    scores = evaluate(lpips, tiny["val"], TwoAFCAttack(steps=5))
     assert scores.clean.shape == (len(tiny["val"]),)
     assert bool((scores.adversarial <= scores.clean).all())
     assert scores.summary["adversarial"] < scores.summary["clean"] - 0.2
-    clean_only = evaluate(lpips, tiny["val"], AttackSpec(steps=0))
+    clean_only = evaluate(lpips, tiny["val"], TwoAFCAttack(steps=0))
     assert torch.equal(clean_only.clean, scores.clean)
 
 
@@ -241,5 +241,5 @@ def test_shipped_heads_reproduce_the_model_card(
     cfg = SynthConfig(str(images_dir / "imagenet-sample"), sizes=(0, 0, n))
     data = generate(cfg, "test", lpips)
     metric = load_metric(SHIPPED, store)
-    acc = evaluate(metric, data, AttackSpec(steps=0)).summary["clean"]
+    acc = evaluate(metric, data, TwoAFCAttack(steps=0)).summary["clean"]
     assert acc == pytest.approx(expected, abs=5e-5)

@@ -1,8 +1,8 @@
 """Every error the API returns, mapped in one place to ``{"error": {"code", "message", "field"?}}``.
 
-Domain errors (:class:`ApiError`, :class:`~app.imaging.ImageError`, the batcher's ``Overloaded`` /
-``DeadlineExceeded`` / ``Draining`` / ``WorkerStopped``), FastAPI's own 422 and Starlette's 404/405 all get
-the same body. Anything else becomes a 500 ``internal_error`` whose ``error_id`` is logged with the stack
+Domain errors (:class:`ApiError`, the :class:`~app.imaging.ImageError` kinds, the runtime's
+``Overloaded`` / ``DeadlineExceeded`` / ``Draining`` / ``WorkerStopped``), FastAPI's own 422 and
+Starlette's 404/405 all get the same body. Anything else becomes a 500 ``internal_error`` whose ``error_id`` is logged with the stack
 trace; the client never sees a trace.
 """
 
@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.batching import DeadlineExceeded, Draining, Overloaded, WorkerStopped
-from app.imaging import ImageError
+from app.imaging import ImageError, ImageTooLarge, InvalidImage, UnsupportedFormat
+from app.serving.errors import DeadlineExceeded, Draining, Overloaded, WorkerStopped
 
 log = logging.getLogger("app.api")
 
@@ -44,6 +44,12 @@ STATUS: dict[str, int] = {
     "not_ready": 503,
     "draining": 503,
     "deadline_exceeded": 504,
+}
+
+_IMAGE_CODES: dict[type[ImageError], str] = {
+    InvalidImage: "invalid_image",
+    ImageTooLarge: "image_too_large",
+    UnsupportedFormat: "unsupported_media_type",
 }
 
 _CODE_OF_STATUS = {
@@ -76,8 +82,9 @@ class ApiError(Exception):
         self.headers = headers
 
     @classmethod
-    def from_image(cls, exc: ImageError, field: str) -> ApiError:
-        return cls(exc.code if exc.code in STATUS else "invalid_image", exc.message, field)
+    def from_image(cls, exc: ImageError) -> ApiError:
+        """The error of an unusable image, naming the input it came from."""
+        return cls(_IMAGE_CODES.get(type(exc), "invalid_image"), exc.message, exc.source)
 
     @classmethod
     def from_validation(cls, exc: ValidationError | RequestValidationError) -> ApiError:
@@ -114,7 +121,7 @@ def to_api_error(exc: Exception) -> ApiError | None:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, ImageError):
-        return ApiError.from_image(exc, "image")
+        return ApiError.from_image(exc)
     if isinstance(exc, ValidationError | RequestValidationError):
         return ApiError.from_validation(exc)
     if isinstance(exc, Overloaded):

@@ -1,10 +1,15 @@
-"""Request and response bodies of the API (pydantic), with the OpenAPI examples."""
+"""Every request and response body of the API (pydantic), with the OpenAPI examples, and the
+conversions from the domain's typed results to them (the only place that knows both)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import base64
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.attacks.robustness import AttackSpec, ModelResult
+from app.config import comma_list
 
 _PNG_1PX = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
@@ -30,6 +35,8 @@ class DistanceOptions(BaseModel):
     """Options shared by both encodings of ``POST /distance``."""
 
     model_config = ConfigDict(extra="forbid")
+    #: Options that a multipart body may repeat (none here).
+    REPEATABLE: ClassVar[frozenset[str]] = frozenset()
 
     model: str | None = Field(
         None, description="model name (GET /models); default: the service's default model"
@@ -66,10 +73,20 @@ class PairResult(BaseModel):
 
 
 class Timing(BaseModel):
+    """Milliseconds spent decoding, queued for the device, on the device, and in all."""
+
     decode: float
     queue: float
     inference: float
     total: float
+
+    @classmethod
+    def of(cls, decode_s: float, queued_s: float, device_s: float, total_s: float) -> Timing:
+        """From seconds."""
+        ms = 1000.0
+        return cls(
+            decode=decode_s * ms, queue=queued_s * ms, inference=device_s * ms, total=total_s * ms
+        )
 
 
 class DistanceResponse(BaseModel):
@@ -124,6 +141,137 @@ class Status(BaseModel):
     status: str = Field(examples=["ok"])
 
 
+# -- POST /robustness-check --------------------------------------------------------------------
+
+
+class RobustnessOptions(BaseModel):
+    """Attack options shared by both encodings (ε and step size in [0, 1] pixel units)."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: Options that a multipart body may repeat (their values are joined).
+    REPEATABLE: ClassVar[frozenset[str]] = frozenset({"models"})
+
+    models: list[str] | None = Field(
+        None, description="models to attack; default: lpips-alex and the default model, once each"
+    )
+    attack: Literal["linf", "l2"] = "linf"
+    epsilon: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="default: L∞ 4/255, L2 1.0"
+    )
+    steps: int = Field(20, ge=1, description="PGD steps (capped by the service)")
+    step_size: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="default: 2.5·ε/steps"
+    )
+    goal: Literal["evade", "impersonate"] = "evade"
+    random_start: bool = True
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    threshold: float | None = Field(None, ge=0, allow_inf_nan=False)
+    return_adversarial: bool = False
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        """Accept a comma-separated string, or a list of such strings (repeated multipart field)."""
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return comma_list(items)
+        return value
+
+    def spec(self) -> AttackSpec:
+        """The requested attack (defaults still open: see :meth:`AttackSpec.resolved`)."""
+        return AttackSpec(
+            self.attack,
+            self.epsilon,
+            self.steps,
+            self.step_size,
+            self.goal,
+            self.random_start,
+            self.seed,
+        )
+
+
+class RobustnessJSON(RobustnessOptions):
+    """``POST /robustness-check`` as ``application/json``: base64 images."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"reference": _PNG_1PX, "steps": 10}]}
+    )
+    reference: Base64Image = Field(description="base64-encoded image")
+    candidate: Base64Image | None = Field(
+        None, description="base64 image; absent: attack the reference itself"
+    )
+
+
+class AttackParams(BaseModel):
+    """Every effective attack parameter (defaults filled, the seed drawn)."""
+
+    attack: Literal["linf", "l2"]
+    epsilon: float = Field(description="radius in [0, 1] pixel units")
+    steps: int
+    step_size: float
+    goal: Literal["evade", "impersonate"]
+    random_start: bool
+    seed: int
+
+    @classmethod
+    def of(cls, spec: AttackSpec) -> AttackParams:
+        """From a resolved :class:`AttackSpec`."""
+        assert spec.epsilon is not None and spec.step_size is not None and spec.seed is not None
+        return cls(
+            attack=spec.norm,
+            epsilon=spec.epsilon,
+            steps=spec.steps,
+            step_size=spec.step_size,
+            goal=spec.goal,
+            random_start=spec.random_start,
+            seed=spec.seed,
+        )
+
+
+class Perturbation(BaseModel):
+    """Measured norms of the returned 8-bit perturbation, in [0, 1] pixel units."""
+
+    linf: float
+    l2: float
+
+
+class ModelOutcome(BaseModel):
+    """One model's outcome: clean and attacked distance, and whether the decision flipped."""
+
+    model: str
+    clean_distance: float
+    adversarial_distance: float = Field(description="measured on the returned 8-bit image")
+    change: float = Field(description="adversarial_distance - clean_distance")
+    clean_match: bool = Field(description="clean_distance <= threshold")
+    adversarial_match: bool = Field(description="adversarial_distance <= threshold")
+    flipped: bool
+    perturbation: Perturbation
+    adversarial_png: str | None = Field(
+        None, description="the perturbed candidate as a lossless PNG; only with return_adversarial"
+    )
+
+    @classmethod
+    def of(cls, r: ModelResult, png: bytes | None = None) -> ModelOutcome:
+        return cls(
+            model=r.model,
+            clean_distance=r.clean_distance,
+            adversarial_distance=r.adversarial_distance,
+            change=r.change,
+            clean_match=r.clean_match,
+            adversarial_match=r.adversarial_match,
+            flipped=r.flipped,
+            perturbation=Perturbation(linf=r.linf, l2=r.l2),
+            adversarial_png=None if png is None else base64.b64encode(png).decode("ascii"),
+        )
+
+
+class RobustnessResponse(BaseModel):
+    attack: AttackParams
+    resolution: list[int] = Field(min_length=2, max_length=2, description="[H, W] of the images")
+    results: list[ModelOutcome] = Field(description="one entry per model, in request order")
+    timing_ms: Timing
+
+
 def _error_example(code: str, message: str, field: str | None = None) -> dict[str, Any]:
     err: dict[str, Any] = {"code": code, "message": message}
     if field:
@@ -173,6 +321,44 @@ DISTANCE_BODY: dict[str, Any] = {
             "application/json": {
                 "schema": DistanceJSON.model_json_schema(),
                 "example": {"reference": _PNG_1PX, "candidates": [_PNG_1PX], "per_layer": True},
+            },
+        },
+    }
+}
+
+
+def _form_field(kind: str, **schema: Any) -> dict[str, Any]:
+    return {"type": kind, **schema}
+
+
+#: ``POST /robustness-check`` request body in both encodings (the route reads the raw request).
+ROBUSTNESS_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["reference"],
+                    "properties": {
+                        "reference": _form_field("string", format="binary"),
+                        "candidate": _form_field("string", format="binary"),
+                        "models": _form_field("string", description="comma-separated names"),
+                        "attack": _form_field("string", enum=["linf", "l2"]),
+                        "epsilon": _form_field("number", minimum=0, maximum=1),
+                        "steps": _form_field("integer", minimum=1),
+                        "step_size": _form_field("number", exclusiveMinimum=0, maximum=1),
+                        "goal": _form_field("string", enum=["evade", "impersonate"]),
+                        "random_start": _form_field("boolean"),
+                        "seed": _form_field("integer", minimum=0),
+                        "threshold": _form_field("number", minimum=0),
+                        "return_adversarial": _form_field("boolean"),
+                    },
+                }
+            },
+            "application/json": {
+                "schema": RobustnessJSON.model_json_schema(),
+                "example": {"reference": _PNG_1PX, "steps": 10, "seed": 0},
             },
         },
     }

@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +29,9 @@ from app.metric.trunks import Trunk, TrunkArch, build_trunk
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE = Path(__file__).resolve().parents[2] / "model_store"
+
+#: LPIPS v0.1 with the AlexNet trunk: the reference point every comparison is made against.
+BASELINE_MODEL = "lpips-alex"
 
 
 class WeightsError(RuntimeError):
@@ -240,6 +243,37 @@ class ModelStore:
     def load(self, name: str, device: str | torch.device = "cpu") -> LPIPS:
         """A ready :class:`LPIPS` metric for model ``name`` on ``device``."""
         return LPIPS(self.load_trunk(name), self.load_heads(name)).to(device)
+
+    def load_shared(
+        self,
+        names: Sequence[str],
+        device: str | torch.device = "cpu",
+        skip_unavailable: bool = False,
+    ) -> tuple[dict[str, LPIPS], dict[str, str]]:
+        """Metrics for ``names`` (duplicates dropped, order kept) on ``device``, where every model of
+        one trunk *file* holds the same :class:`Trunk` object, so one trunk pass serves them all.
+
+        Returns ``(metrics, skipped)``. With ``skip_unavailable`` a model the manifest does not name
+        or whose files are missing or corrupt is left out with a logged warning and its reason in
+        ``skipped``; otherwise ``KeyError`` / :class:`WeightsError` propagate.
+        """
+        trunks: dict[str, Trunk] = {}
+        metrics: dict[str, LPIPS] = {}
+        skipped: dict[str, str] = {}
+        for name in dict.fromkeys(names):
+            try:
+                file_id = self.model(name).trunk.file
+                trunk = trunks.get(file_id) or self.load_trunk(name).to(device)
+                heads = self.load_heads(name).to(device)
+            except (KeyError, WeightsError) as exc:
+                if not skip_unavailable:
+                    raise
+                skipped[name] = str(exc.args[0] if isinstance(exc, KeyError) else exc)
+                log.warning("skipping model %s: %s", name, skipped[name])
+                continue
+            trunks[file_id] = trunk
+            metrics[name] = LPIPS(trunk, heads)
+        return metrics, skipped
 
     # -- obtaining files ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm import tqdm
 
+from app.metric.store import BASELINE_MODEL
 from app.training import distortions
 
 Split = Literal["train", "val", "test"]
@@ -161,7 +162,7 @@ class SynthConfig:
     sizes: tuple[int, int, int] = (20000, 1000, 2000)
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     patch: int = 64
-    teacher: str = "lpips-alex"
+    teacher: str = BASELINE_MODEL
     teacher_fraction: float = 1 / 3
     teacher_margin: float = 0.2
     severity_gap: float = 0.3

@@ -16,14 +16,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from app.attacks import Norm, default_step_size, pgd_steps
+from app.attacks.pgd import Norm, default_step_size, pgd_steps
+from app.imaging import to_signed
 from app.metric.lpips import LPIPS, distance_from_features
 from app.training.datasets import KINDS, TripletSet
-from app.training.model import to_metric, two_afc_score
+from app.training.model import two_afc_score
 
 
 @dataclass(frozen=True)
-class AttackSpec:
+class TwoAFCAttack:
     norm: Norm = "linf"
     epsilon: float = 4 / 255
     steps: int = 20
@@ -49,7 +50,7 @@ class Scores:
 
 def _distances(metric: LPIPS, ref: Tensor, p0: Tensor, p1: Tensor) -> tuple[Tensor, Tensor]:
     n = ref.shape[0]
-    f = metric.features(to_metric(torch.cat([ref, p0, p1])))
+    f = metric.features(to_signed(torch.cat([ref, p0, p1])))
     fr, f0, f1 = ([t[k * n : (k + 1) * n] for t in f] for k in range(3))
     return _pair(metric, fr, f0), _pair(metric, fr, f1)
 
@@ -65,20 +66,20 @@ def score_batch(
     p0: Tensor,
     p1: Tensor,
     h: Tensor,
-    spec: AttackSpec,
+    spec: TwoAFCAttack,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
     """``(clean, adversarial)`` scores ``[N]`` for a batch of images in ``[0, 1]``."""
     with torch.no_grad():
         d0, d1 = _distances(metric, ref, p0, p1)
-        f_ref = metric.features(to_metric(ref))
+        f_ref = metric.features(to_signed(ref))
     clean = two_afc_score(d0, d1, h)
     if spec.steps == 0 or spec.epsilon == 0:
         return clean, clean
     sign = torch.sign(0.5 - h)
 
     def loss_fn(x: Tensor) -> Tensor:
-        return sign * (_pair(metric, f_ref, metric.features(to_metric(x))) - d1)
+        return sign * (_pair(metric, f_ref, metric.features(to_signed(x))) - d1)
 
     worst = clean.clone()
     for x_adv in pgd_steps(
@@ -86,7 +87,7 @@ def score_batch(
         step_size=spec.effective_step_size, generator=generator,
     ):  # fmt: skip
         with torch.no_grad():
-            d0_adv = _pair(metric, f_ref, metric.features(to_metric(x_adv)))
+            d0_adv = _pair(metric, f_ref, metric.features(to_signed(x_adv)))
         worst = torch.minimum(worst, two_afc_score(d0_adv, d1, h))
     return clean, worst
 
@@ -94,7 +95,7 @@ def score_batch(
 def evaluate(
     metric: LPIPS,
     data: TripletSet,
-    spec: AttackSpec,
+    spec: TwoAFCAttack,
     batch_size: int = 50,
     device: torch.device = torch.device("cpu"),
     desc: str = "2afc",
@@ -131,7 +132,7 @@ def summarize(s: Scores) -> dict[str, float]:
     return out
 
 
-def markdown_table(results: dict[str, dict[str, float]], spec: AttackSpec) -> str:
+def markdown_table(results: dict[str, dict[str, float]], spec: TwoAFCAttack) -> str:
     """A markdown table of ``results`` (model name → summary); clean columns only without an attack."""
     attacked = spec.steps > 0 and spec.epsilon > 0
     kinds = [k for k in KINDS if any(f"n_{k}" in r for r in results.values())]

@@ -9,14 +9,18 @@ units (the attack's convention) and are mapped to the metric's ``[-1, 1]`` here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.imaging import to_signed
+from app.metric.loaders import head_weights, read_state, trunk_state
 from app.metric.lpips import LPIPS, Heads, distance_from_features
-from app.metric.trunks import Trunk
+from app.metric.store import BASELINE_MODEL, ModelStore
+from app.metric.trunks import Trunk, build_trunk
 
 Mode = Literal["heads", "tune"]
 EPS = 0.1
@@ -46,11 +50,6 @@ def random_heads(channels: Sequence[int], generator: torch.Generator) -> Heads:
     )
 
 
-def to_metric(x: Tensor) -> Tensor:
-    """``[0, 1]`` pixels → ``[-1, 1]`` metric input."""
-    return x * 2 - 1
-
-
 class TwoAFCModel(nn.Module):
     """Trainable metric + ranking network. ``mode='heads'`` trains heads and ``G`` on a frozen trunk,
     ``'tune'`` also the trunk (which stays in eval mode: AlexNet has no dropout/batch-norm in its features).
@@ -68,7 +67,7 @@ class TwoAFCModel(nn.Module):
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Normalised float32 features of ``x`` ``[N, 3, H, W]`` in ``[0, 1]``."""
-        return self.metric.features(to_metric(x))
+        return self.metric.features(to_signed(x))
 
     def distance(self, fa: Sequence[Tensor], fb: Sequence[Tensor]) -> Tensor:
         """Distances ``[N]`` between two normalised feature lists."""
@@ -96,3 +95,20 @@ class TwoAFCModel(nn.Module):
 def two_afc_score(d0: Tensor, d1: Tensor, h: Tensor) -> Tensor:
     """Per-triplet 2AFC score ``[N]``: ``h`` when the metric picks p1, ``1 - h`` for p0, 0.5 on a tie."""
     return torch.where(d1 < d0, h, torch.where(d0 < d1, 1 - h, torch.full_like(h, 0.5)))
+
+
+def load_metric(spec: str, store: ModelStore) -> LPIPS:
+    """A store model by name, or a bundle/checkpoint path (its trunk, else the AlexNet trunk)."""
+    if spec in store.names:
+        return store.load(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{spec!r} is neither a model in the store ({', '.join(store.names)}) nor a file"
+        )
+    state = read_state(path)
+    if any(k.startswith(("trunk.", "net.", "features.")) for k in state):
+        trunk = build_trunk("alex", trunk_state(state, path.name))
+    else:
+        trunk = store.load_trunk(BASELINE_MODEL)
+    return LPIPS(trunk, Heads(head_weights(state, path.name)))

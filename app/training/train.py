@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from app.attacks import Norm, default_step_size, pgd
+from app.attacks.pgd import Norm, default_step_size, pgd
 from app.metric.loaders import save_bundle
 from app.metric.lpips import Heads
 from app.metric.trunks import Trunk

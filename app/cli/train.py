@@ -1,4 +1,5 @@
-"""``rlpips train`` and ``rlpips evaluate 2afc``: data selection, model loading and reports."""
+"""``rlpips train``: adversarial 2AFC training of R-LPIPS heads, and the 2AFC data options it shares
+with ``rlpips evaluate 2afc``."""
 
 from __future__ import annotations
 
@@ -8,20 +9,14 @@ import logging
 import shlex
 import sys
 from dataclasses import asdict
-from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from app.cli import pick_device
-from app.config import Settings
-from app.metric.loaders import head_weights, read_state, trunk_state
-from app.metric.lpips import LPIPS, Heads
-from app.metric.store import ModelStore
-from app.metric.trunks import build_trunk
+from app.cli.args import add_device_arg, fraction
+from app.config import Settings, pick_device
+from app.metric.store import BASELINE_MODEL, ModelStore
 from app.training.datasets import (
-    SPLITS,
     Split,
     SynthConfig,
     TripletSet,
@@ -29,7 +24,7 @@ from app.training.datasets import (
     kind_counts,
     read_bapps,
 )
-from app.training.evaluate import AttackSpec, evaluate, markdown_table
+from app.training.evaluate import TwoAFCAttack, evaluate
 from app.training.model import TwoAFCModel
 from app.training.train import TARGETS, TrainConfig, Trainer, export
 
@@ -37,16 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "images" / "imagenet-sample"
 DEFAULT_CACHE = ROOT / "runs" / "data"
 log = logging.getLogger(__name__)
-
-
-def fraction(value: str) -> float:
-    """``"4/255"`` or ``"0.0157"`` → float."""
-    try:
-        return float(Fraction(value))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(
-            f"expected a number or a fraction like 4/255, got {value!r}"
-        ) from None
 
 
 def sizes(value: str) -> tuple[int, int, int]:
@@ -100,23 +85,6 @@ def load_data(args: argparse.Namespace, split: Split, store: ModelStore) -> Trip
     return data
 
 
-def load_metric(spec: str, store: ModelStore) -> LPIPS:
-    """A store model by name, or a bundle/checkpoint path (its trunk, else the alexnet trunk)."""
-    if spec in store.names:
-        return store.load(spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{spec!r} is neither a model in the store ({', '.join(store.names)}) nor a file"
-        )
-    state = read_state(path)
-    if any(k.startswith(("trunk.", "net.", "features.")) for k in state):
-        trunk = build_trunk("alex", trunk_state(state, path.name))
-    else:
-        trunk = store.load_trunk("lpips-alex")
-    return LPIPS(trunk, Heads(head_weights(state, path.name)))
-
-
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         mode=args.mode, attack=args.attack, norm=args.norm,
@@ -126,11 +94,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )  # fmt: skip
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("app").setLevel(logging.INFO)
-    store = Settings().store()
+    store = settings.store()
     device = pick_device(args.device)
     cfg = train_config(args)
     data = load_data(args, "train", store)
@@ -139,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"training on {len(data)} triplets {kind_counts(data)}; config {asdict(cfg)}",
         file=sys.stderr,
     )
-    spec = AttackSpec(steps=args.val_steps, seed=args.seed)
+    spec = TwoAFCAttack(steps=args.val_steps, seed=args.seed)
 
     def on_epoch(epoch: int, model: TwoAFCModel) -> dict[str, float]:
         if val is None:
@@ -152,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, data, args.out, device, args.save_every, not args.no_progress, on_epoch)
     if not args.resume and trainer.checkpoint_path().exists():
         raise FileExistsError(f"{trainer.checkpoint_path()} exists: pass --resume or another --out")
-    trunk = store.load_trunk("lpips-alex")
+    trunk = store.load_trunk(BASELINE_MODEL)
     model = trainer.run(trunk)
     meta = {
         "train_config": json.dumps(asdict(cfg)),
@@ -164,40 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    store = Settings().store()
-    device = pick_device(args.device)
-    data = load_data(args, args.split, store)
-    spec = AttackSpec(args.norm, args.epsilon, args.steps, args.step_size, args.seed)
-    metrics = {name: load_metric(name, store) for name in args.models}  # fail before any work
-    results: dict[str, dict[str, float]] = {}
-    for name, metric in metrics.items():
-        scores = evaluate(metric, data, spec, device=device, desc=name, progress=True)
-        results[name] = scores.summary
-    table = markdown_table(results, spec)
-    report: dict[str, Any] = {
-        "data": args.data
-        if args.data != ["synth"]
-        else {**asdict(synth_config(args)), "split": args.split},
-        "counts": kind_counts(data),
-        "attack": {**asdict(spec), "step_size": spec.effective_step_size, "target": "p0"},
-        "results": results,
-        "command": "rlpips " + shlex.join(sys.argv[1:]),
-    }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
-    print(table)
-    return 0
-
-
-def register(sub: Any, evaluate_sub: Any) -> None:
-    """Add ``train`` to the top-level commands and ``2afc`` to ``evaluate``."""
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("train", help="adversarially train R-LPIPS heads on 2AFC data")
     add_data_args(p)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "train", help="run folder")
@@ -222,23 +157,6 @@ def register(sub: Any, evaluate_sub: Any) -> None:
         "--val-steps", type=int, default=20, help="PGD steps of the per-epoch val attack"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
-
-    e = evaluate_sub.add_parser("2afc", help="clean and adversarial 2AFC accuracy of models")
-    add_data_args(e)
-    e.add_argument("--split", choices=SPLITS, default="test")
-    e.add_argument(
-        "--models", nargs="+", default=["lpips-alex"], help="store names or bundle paths"
-    )
-    e.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    e.add_argument("--epsilon", type=fraction, default=4 / 255)
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--step-size", type=fraction)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--json", type=Path, help="write the report as JSON")
-    e.add_argument("--markdown", type=Path, help="write the table as markdown")
-    e.add_argument("--threads", type=int, default=0)
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.set_defaults(func=cmd_evaluate)

@@ -3,11 +3,11 @@
 :class:`MicroBatcher` is the asyncio side of batched device work: bounded admission (in item *sizes*,
 e.g. pairs), per-item deadlines, and one collector task that waits for the first item, then for more until
 ``max_batch`` or ``max_wait_s`` after that item arrived, and hands the batch to the device worker
-(:mod:`app.worker`) — one batch at a time. Items that were cancelled (client gone) or expired are dropped
+(:mod:`app.serving.worker`) — one batch at a time. Items that were cancelled (client gone) or expired are dropped
 before they reach the device, also when that happens while their batch waits for the device thread. Every future is resolved exactly once; an exception in ``process`` fails only
 that batch's futures, except that a failure the ``split_on`` predicate accepts (device out of memory) is
 retried as two half batches first. ``failing`` turns on after ``max_failures`` consecutive failed batches.
-The errors and hooks shared with the worker live here too.
+The observer hooks and the :class:`Completed` result shared with the worker live here too.
 """
 
 from __future__ import annotations
@@ -23,31 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar, cast
 
+from app.serving.errors import DeadlineExceeded, Draining, Overloaded, WorkerStopped
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 Lane = Literal["batch", "step"]
-
-
-class Overloaded(Exception):
-    """Admission refused: the queue (or the job slots) are full. ``retry_after_s`` is a hint (≥ 1 s)."""
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(Exception):
-    """The item waited past its deadline, before or during device work."""
-
-
-class Draining(Exception):
-    """The batcher is shutting down and accepts no new work."""
-
-
-class WorkerStopped(Exception):
-    """The device worker is not running (never started, stopped or died)."""
 
 
 class BatchObserver(Protocol):
@@ -76,7 +58,7 @@ class NullObserver:
 
 
 class Executor(Protocol):
-    """Where batches run (:class:`app.worker.DeviceWorker`)."""
+    """Where batches run (:class:`app.serving.worker.DeviceWorker`)."""
 
     @property
     def alive(self) -> bool: ...

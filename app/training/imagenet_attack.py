@@ -8,11 +8,11 @@ Heads-only R-LPIPS variants share the target's trunk, so they are all scored on 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.attacks import Norm, perturbation_norms, pgd
-from app.cli import pick_device, resolution_arg
-from app.config import Settings
-from app.imaging import load_tensor
-from app.metric.store import ModelStore
-from app.robustness import LPIPSObjective, Target, feature_mse_loss, load_targets
+from app.attacks.pgd import Norm, perturbation_norms, pgd
+from app.attacks.robustness import LPIPSObjective, Target, feature_mse_loss, load_targets
+from app.imaging import load_tensor, to_unit
+from app.metric.store import BASELINE_MODEL, ModelStore
 
 log = logging.getLogger(__name__)
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images" / "imagenet-sample"
+IMAGES = Path(__file__).resolve().parents[3] / "shared" / "images" / "imagenet-sample"
 #: The paper's radii in [0, 1]-pixel units.
 EPSILON: dict[Norm, float] = {"linf": 0.05, "l2": 1.0}
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -45,7 +43,7 @@ def image_files(folder: Path, limit: int | None) -> list[Path]:
 
 def default_models(store: ModelStore) -> list[str]:
     """``lpips-alex`` and every robust (``r-lpips-*``) model the store names."""
-    return ["lpips-alex"] + [n for n in store.names if n.startswith("r-lpips")]
+    return [BASELINE_MODEL] + [n for n in store.names if n.startswith("r-lpips")]
 
 
 def attack_images(
@@ -71,7 +69,7 @@ def attack_images(
     with tqdm(total=len(files), unit="img", desc="imagenet-attack") as bar:
         for i in range(0, len(files), batch_size):
             chunk = files[i : i + batch_size]
-            x = torch.stack([(load_tensor(p.read_bytes(), resolution) + 1) / 2 for p in chunk])
+            x = torch.stack([to_unit(load_tensor(p.read_bytes(), resolution)) for p in chunk])
             x = x.to(device)
             x_adv = pgd(
                 feature_mse_loss(target.metric.trunk, x),
@@ -141,58 +139,68 @@ def plot_histogram(
     plt.close(fig)
 
 
-def _command(args: argparse.Namespace, models: Sequence[str], eps: float, seed: int) -> str:
-    return (
-        f"rlpips evaluate imagenet-attack --limit {args.limit} --target {args.target} "
-        f"--models {' '.join(models)} --attack {args.attack} --epsilon {eps:g} "
-        f"--steps {args.steps} --step-size {args.step_size:g} --seed {seed} "
-        f"--resolution {args.resolution} --batch-size {args.batch_size} --device {args.device} "
-        f"--out {args.out}" + (" --no-random-start" if args.no_random_start else "")
-    )
+@dataclass(frozen=True)
+class Experiment:
+    """One run: ``models`` scored on images of ``images`` (the first ``limit``) attacked on the
+    ``target``'s trunk features at ``resolution``² with the given PGD."""
+
+    images: Path
+    limit: int | None
+    target: str
+    models: list[str]
+    norm: Norm
+    epsilon: float
+    steps: int
+    step_size: float
+    random_start: bool
+    seed: int
+    resolution: int
+    batch_size: int
 
 
-def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
-    """Load the models, attack the images, and return the JSON summary (see the module docstring)."""
-    if args.resolution is None:
-        raise ValueError("imagenet-attack batches images: give --resolution N, not 'native'")
-    store = Settings().store()
-    models = [n for v in args.models or [] for n in v.split(",") if n] or default_models(store)
-    eps = EPSILON[args.attack] if args.epsilon is None else args.epsilon
-    seed = 0 if args.seed is None else args.seed
-    device = pick_device(args.device)
-    loaded, skipped = load_targets(store, [args.target, *models], device, skip_unavailable=True)
+def run_experiment(
+    store: ModelStore, exp: Experiment, device: torch.device, command: str
+) -> dict[str, Any]:
+    """Load the models, attack the images, and return the JSON summary (see the module docstring);
+    ``command`` is recorded as the way to reproduce it."""
+    loaded, skipped = load_targets(store, [exp.target, *exp.models], device, skip_unavailable=True)
     by_name = {t.name: t for t in loaded}
-    if args.target not in by_name:
-        raise ValueError(f"target model {args.target} is unavailable: {skipped[args.target]}")
-    files = image_files(Path(args.images), args.limit)
+    if exp.target not in by_name:
+        raise ValueError(f"target model {exp.target} is unavailable: {skipped[exp.target]}")
+    files = image_files(exp.images, exp.limit)
     attack = {
-        "norm": args.attack,
-        "epsilon": eps,
-        "steps": args.steps,
-        "step_size": args.step_size,
-        "random_start": not args.no_random_start,
-        "seed": seed,
+        "norm": exp.norm,
+        "epsilon": exp.epsilon,
+        "steps": exp.steps,
+        "step_size": exp.step_size,
+        "random_start": exp.random_start,
+        "seed": exp.seed,
     }
     started = time.perf_counter()
     dist, norms = attack_images(
         files,
-        by_name[args.target],
-        [by_name[n] for n in dict.fromkeys(models) if n in by_name],
-        **attack,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
+        by_name[exp.target],
+        [by_name[n] for n in dict.fromkeys(exp.models) if n in by_name],
+        norm=exp.norm,
+        epsilon=exp.epsilon,
+        steps=exp.steps,
+        step_size=exp.step_size,
+        random_start=exp.random_start,
+        seed=exp.seed,
+        resolution=exp.resolution,
+        batch_size=exp.batch_size,
         device=device,
     )
-    target_file = store.model(args.target).trunk.file
+    target_file = store.model(exp.target).trunk.file
     return {
-        "command": _command(args, models, eps, seed),
+        "command": command,
         "experiment": "untargeted PGD on the target's trunk features (maximise feature MSE to the "
         "clean image), then d(x, x_adv) under each model",
-        "target": args.target,
+        "target": exp.target,
         "attack": attack,
-        "resolution": [args.resolution, args.resolution],
+        "resolution": [exp.resolution, exp.resolution],
         "images": {
-            "folder": str(args.images),
+            "folder": str(exp.images),
             "count": len(files),
             "files": [p.name for p in files],
         },
@@ -203,56 +211,21 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
             name: {**stats(v), "shares_target_trunk": store.model(name).trunk.file == target_file}
             for name, v in dist.items()
         },
-        "skipped": {name: reason for name, reason in skipped.items() if name in models},
+        "skipped": {name: reason for name, reason in skipped.items() if name in exp.models},
         "distances": dist,
     }
 
 
-def cmd_imagenet_attack(args: argparse.Namespace) -> int:
-    summary = run_experiment(args)
-    out = Path(args.out)
+def write_report(summary: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """``OUT.json`` (the summary) and ``OUT.png`` (the histogram); returns both paths."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    a = summary["attack"]
+    json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    a, r = summary["attack"], summary["resolution"][0]
     title = (
         f"PGD-{a['norm']} eps={a['epsilon']:g}, {a['steps']} steps on {summary['target']} trunk "
-        f"features, {summary['images']['count']} ImageNet images at {args.resolution}px"
+        f"features, {summary['images']['count']} ImageNet images at {r}px"
     )
     shares = {name: s["shares_target_trunk"] for name, s in summary["models"].items()}
-    plot_histogram(
-        summary["distances"], title, out.with_suffix(".png"), shares, list(summary["skipped"])
-    )
-    for name, s in summary["models"].items():
-        print(f"{name:28s} mean {s['mean']:.4f} median {s['median']:.4f}")
-    for name in summary["skipped"]:
-        print(f"{name:28s} skipped (weights unavailable)")
-    print(
-        f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {summary['elapsed_s']}s"
-    )
-    return 0
-
-
-def register_imagenet_attack(
-    evaluate_sub: Any,
-    add_attack_args: Callable[[argparse.ArgumentParser, int, float | None, str], None],
-) -> None:
-    """Add ``evaluate imagenet-attack`` (``add_attack_args`` adds the shared PGD options)."""
-    p = evaluate_sub.add_parser(
-        "imagenet-attack",
-        help="the paper's experiment: PGD on trunk features, d(x, x_adv) per model",
-    )
-    p.add_argument(
-        "--images", default=str(IMAGES), help="folder of images (default imagenet-sample)"
-    )
-    p.add_argument("--limit", type=int, default=100, help="first N images in name order")
-    p.add_argument("--target", default="lpips-alex", help="model whose trunk features are attacked")
-    p.add_argument("--models", nargs="+", help="models scored (default lpips-alex + r-lpips-*)")
-    add_attack_args(p, 50, 0.01, "linf 0.05, l2 1.0")
-    p.add_argument("--resolution", type=resolution_arg, default=224, help="N (default 224)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--out",
-        default="docs/imagenet-attack",
-        help="output prefix: writes PREFIX.json, PREFIX.png",
-    )
-    p.set_defaults(func=cmd_imagenet_attack)
+    plot_histogram(summary["distances"], title, png_path, shares, list(summary["skipped"]))
+    return json_path, png_path

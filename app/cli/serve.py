@@ -1,4 +1,4 @@
-"""Running the app under uvicorn with a graceful, bounded shutdown (``rlpips serve``).
+"""``rlpips serve``: the app under uvicorn with a graceful, bounded shutdown.
 
 On the first SIGTERM (or SIGINT) the runtime starts draining at once: ``/readyz`` answers 503 and new
 work gets 503 ``draining``, while requests already taken go on. The listener stays open for ``drain_s``
@@ -10,8 +10,10 @@ finished ``grace_s`` after the signal. A second signal skips the rest of the dra
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import signal
 import threading
 import time
 from types import FrameType
@@ -21,7 +23,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.main import create_app
-from app.service import Runtime
+from app.serving.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +92,44 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> 
         timeout_graceful_shutdown=max(1, int(settings.grace_s - settings.drain_s)),
     )
     DrainingServer(config, app, settings.drain_s, settings.grace_s).run()
+
+
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    """Uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown: end with status 0, no trace."""
+    raise SystemExit(0)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    logging.getLogger("app").setLevel(args.log_level.upper())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_after_shutdown)
+    if args.grace is not None:
+        settings = Settings.model_validate(settings.model_dump() | {"grace_s": args.grace})
+    if args.workers == 1:  # drain period, then a graceful shutdown bounded by the grace period
+        serve(settings, args.host, args.port, args.log_level)
+        return 0
+    uvicorn.run(  # several processes: uvicorn's supervisor (graceful, without the drain period)
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=max(1, int(settings.grace_s)),
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="graceful shutdown bound in seconds, signal to exit (default: RLPIPS_GRACE_S or 30)",
+    )
+    p.set_defaults(func=cmd_serve)

@@ -1,7 +1,10 @@
-"""The serving runtime: engine, device worker, micro-batcher, job runner and decode pool of one app.
+"""The serving runtime of one app: engine, device worker, micro-batcher, job runner and decode pool.
 
-Created and started by the app's lifespan (:mod:`app.main`); the routes reach it through
-``request.app.state.runtime``. Knows nothing of HTTP.
+Section 4 of the design brief, without HTTP. Created and started by the app's lifespan
+(:mod:`app.main`); the routes reach it through a dependency (:mod:`app.api.deps`) and call, in order,
+``check_*`` (refuse before costly work), :meth:`Runtime.decode` (thread pool), then
+:meth:`Runtime.distance` (micro-batched on the device worker) or :meth:`Runtime.attack` (a step job
+that is built and run entirely on the device thread).
 """
 
 from __future__ import annotations
@@ -11,33 +14,26 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TypeVar
 
 import torch
 
-from app.batching import MicroBatcher
-from app.cli import pick_device
-from app.config import Settings
-from app.engine import (
-    Answer,
-    Engine,
-    FeatureCache,
-    Image,
-    Query,
-    content_key,
-    resolve_precision,
-)
-from app.imaging import DecodeLimits, load_tensor
-from app.metric.store import ModelStore
+from app.attacks.robustness import AttackSpec, ModelResult, RobustnessJob, Target
+from app.config import Settings, pick_device, resolve_precision
+from app.imaging import DecodeLimits, ImageError, load_tensor, to_unit
+from app.metric.engine import Answer, Engine, FeatureCache, Image, Query, content_key
+from app.metric.store import BASELINE_MODEL, ModelStore
+from app.serving.batching import Completed, MicroBatcher
+from app.serving.worker import DeviceWorker, JobRunner
 from app.telemetry import Telemetry
-from app.worker import DeviceWorker, JobRunner
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
-#: Always loaded beside the default model (the reference point of every comparison).
-BASELINE_MODEL = "lpips-alex"
+#: Seconds between readiness probes of a failing device.
+PROBE_EVERY_S = 5.0
 
 
 def configured_models(settings: Settings, store: ModelStore) -> tuple[str, list[str]]:
@@ -50,10 +46,6 @@ def configured_models(settings: Settings, store: ModelStore) -> tuple[str, list[
     return default, names
 
 
-#: Seconds between readiness probes of a failing device.
-PROBE_EVERY_S = 5.0
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """The batcher's ``split_on``: device out of memory; frees cached blocks so a half batch can fit."""
     if not isinstance(exc, torch.OutOfMemoryError):
@@ -61,36 +53,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return True
-
-
-def describe_file(store: ModelStore, file_id: str) -> dict[str, Any]:
-    """``{"path", "sha256", "available"}`` for one manifest file (the store's verified hash, or the
-    manifest's listed sha256 when no verified copy is present)."""
-    entry = store.manifest.files[file_id]
-    st = store.status(file_id)
-    if st.path is None:
-        listed = next((d.value for d in entry.digests if d.kind == "sha256"), None)
-        return {"path": entry.filename, "sha256": listed, "available": False}
-    return {"path": st.path.name, "sha256": st.sha256, "available": True}
-
-
-def describe_models(store: ModelStore, loaded: set[str], default: str) -> list[dict[str, Any]]:
-    """Every model of the store as ``GET /models`` lists it (exactly one ``default``)."""
-    out = []
-    for name, m in store.manifest.models.items():
-        out.append(
-            {
-                "name": name,
-                "trunk": m.trunk.arch,
-                "variant": m.variant,
-                "source": m.source,
-                "files": [describe_file(store, f) for f in store.files_of(name)],
-                "threshold": m.threshold,
-                "loaded": name in loaded,
-                "default": name == default,
-            }
-        )
-    return out
 
 
 def cpu_threads(settings: Settings, device: torch.device) -> tuple[int, int]:
@@ -110,6 +72,24 @@ def decode_threads(settings: Settings) -> int:
     decoding and resizing; on the 2-core benchmark machine 4 threads beat 2 by 12 % at 64² (c=32) and
     matched them at 256² (docs/BENCHMARKS.md)."""
     return settings.decode_threads or 2 * len(os.sched_getaffinity(0))
+
+
+def _attack_job(
+    engine: Engine,
+    reference: Image,
+    candidate: Image | None,
+    thresholds: dict[str, float],
+    spec: AttackSpec,
+) -> Generator[None, None, list[ModelResult]]:
+    """The step job of one robustness check. Every line runs on the device thread: the first
+    ``next()`` builds the targets and moves the images to the device, each later one is a PGD step;
+    the job's value is one result per model, in ``thresholds`` order."""
+    targets = [Target(n, engine.metric(n), t) for n, t in thresholds.items()]
+    cand = None if candidate is None else to_unit(candidate.tensor[None])
+    job = RobustnessJob(to_unit(reference.tensor[None]), cand, targets, spec)
+    for _ in job.steps():
+        yield
+    return job.results()[0]
 
 
 class Runtime:
@@ -157,6 +137,8 @@ class Runtime:
         self._probed_at = -math.inf
         self._threads_before = torch.get_num_threads()
 
+    # -- state ---------------------------------------------------------------------------------
+
     @property
     def accepting(self) -> bool:
         """Models loaded and warmed, worker and batcher alive, not shutting down: work is taken."""
@@ -167,6 +149,62 @@ class Runtime:
         """Accepting, and the device is not failing batch after batch."""
         return self.accepting and not self.batcher.failing
 
+    @property
+    def loaded(self) -> set[str]:
+        return set(self.engine.heads)
+
+    def threshold(self, model: str) -> float:
+        """The store's near-duplicate threshold of ``model``."""
+        return self.store.model(model).threshold
+
+    # -- the pipeline --------------------------------------------------------------------------
+
+    def check_distance(self, pairs: int) -> None:
+        """Raise what :meth:`distance` would raise at admission now (call before decoding)."""
+        self.batcher.check_admission(pairs)
+
+    def check_attack(self) -> None:
+        """Raise what :meth:`attack` would raise at admission now (call before decoding)."""
+        self.jobs.check_admission()
+
+    async def decode(self, inputs: Sequence[tuple[str, bytes]]) -> list[Image]:
+        """Decode + resize every ``(name, bytes)`` concurrently in the decode pool, to
+        ``[3, R, R]`` in ``[-1, 1]``; an :class:`ImageError` names the input it came from."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self.decode_pool, self._prepare, d) for _, d in inputs]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        images: list[Image] = []
+        for (name, _), r in zip(inputs, results, strict=True):
+            if isinstance(r, ImageError):
+                raise r.at(name)
+            if isinstance(r, BaseException):
+                raise r
+            images.append(r)
+        return images
+
+    async def distance(self, query: Query, timeout_s: float) -> Completed[Answer]:
+        """Score ``query`` in a micro-batch on the device (admission, deadline and cancellation as in
+        :meth:`MicroBatcher.submit`)."""
+        return await self.batcher.submit(query, query.pairs, timeout_s)
+
+    async def attack(
+        self,
+        reference: Image,
+        candidate: Image | None,
+        thresholds: dict[str, float],
+        spec: AttackSpec,
+        timeout_s: float,
+    ) -> Completed[list[ModelResult]]:
+        """Attack ``candidate`` (or the reference itself) under each model of ``thresholds`` (name →
+        near-duplicate threshold) as a step job: built and run on the device thread, one PGD step per
+        turn so distance batches go first. ``spec`` must be resolved (every default filled)."""
+        job = _attack_job(self.engine, reference, candidate, thresholds, spec)
+        return await self.jobs.run(job, timeout_s)
+
+    async def run_cpu(self, fn: Callable[[], R]) -> R:
+        """Run ``fn`` (CPU work such as PNG encoding) in the decode pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn)
+
     def probe(self) -> None:
         """While failing: send one tiny pair through the batcher (at most every ``PROBE_EVERY_S``), so
         that readiness comes back by itself once the device works again, even without traffic."""
@@ -176,8 +214,16 @@ class Runtime:
         self._probed_at = now
         blank = Image(torch.zeros(3, self.resolution, self.resolution), "readiness-probe")
         query = Query(self.default_model, blank, (blank,))
-        task = asyncio.ensure_future(self.batcher.submit(query, 1, self.settings.deadline_s))
+        task = asyncio.ensure_future(self.distance(query, self.settings.deadline_s))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _prepare(self, data: bytes) -> Image:
+        """Decode + resize one image to the working resolution (runs in the decode pool)."""
+        t0 = time.perf_counter()
+        tensor = load_tensor(data, self.resolution, self.limits, self.settings.jpeg_draft)
+        image = Image(tensor, content_key(data))
+        self.telemetry.decoded(time.perf_counter() - t0)
+        return image
 
     def _process(self, queries: list[Query]) -> list[Answer]:
         """The batcher's ``process`` (device thread): the fault hook if installed, then the engine."""
@@ -185,12 +231,7 @@ class Runtime:
             self.fault_hook(queries)
         return self.engine(queries)
 
-    @property
-    def loaded(self) -> set[str]:
-        return set(self.engine.heads)
-
-    def threshold(self, model: str) -> float:
-        return self.store.model(model).threshold
+    # -- life cycle ----------------------------------------------------------------------------
 
     def _init_device_thread(self) -> None:
         """On CUDA: select the device, and let cuDNN pick the fastest kernels per input shape (the
@@ -237,11 +278,3 @@ class Runtime:
         await asyncio.to_thread(self.worker.stop, self.settings.deadline_s)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         torch.set_num_threads(self._threads_before)  # process-global: leave it as it was
-
-    def prepare(self, data: bytes) -> Image:
-        """Decode + resize one image to the working resolution (runs in the decode pool)."""
-        t0 = time.perf_counter()
-        tensor = load_tensor(data, self.resolution, self.limits, self.settings.jpeg_draft)
-        image = Image(tensor, content_key(data))
-        self.telemetry.decoded(time.perf_counter() - t0)
-        return image

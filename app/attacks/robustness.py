@@ -6,22 +6,20 @@ sees ``2x − 1``. ``evade`` maximises ``d(reference, candidate + δ)`` ("push a
 attacked against itself. Several pairs and several models run as one PGD batch (rows model-major:
 row ``m·N + n`` is pair ``n`` under model ``m``); models holding the *same* trunk object share one trunk
 pass per step. Results are measured on the 8-bit image that would be returned (see
-:func:`app.attacks.quantize`).
+:func:`app.attacks.pgd.quantize`). Results are typed; how a caller shows them is the caller's business.
 """
 
 from __future__ import annotations
 
-import base64
-import logging
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from app.attacks import (
+from app.attacks.pgd import (
     NORMS,
     LossFn,
     Norm,
@@ -33,12 +31,10 @@ from app.attacks import (
     quantize,
     to_levels,
 )
-from app.imaging import tensor_to_png
+from app.imaging import tensor_to_png, to_signed
 from app.metric.lpips import LPIPS, distance_from_features
-from app.metric.store import ModelStore, WeightsError
+from app.metric.store import ModelStore
 from app.metric.trunks import Trunk
-
-log = logging.getLogger(__name__)
 
 Goal = Literal["evade", "impersonate"]
 GOALS: tuple[Goal, ...] = get_args(Goal)
@@ -82,18 +78,6 @@ class AttackSpec:
         check_params(self.norm, eps, self.steps, step)
         return AttackSpec(self.norm, eps, self.steps, step, self.goal, self.random_start, seed)
 
-    def as_dict(self) -> dict[str, Any]:
-        """The effective parameters (after :meth:`resolved`), named as in the HTTP contract."""
-        return {
-            "attack": self.norm,
-            "epsilon": self.epsilon,
-            "steps": self.steps,
-            "step_size": self.step_size,
-            "goal": self.goal,
-            "random_start": self.random_start,
-            "seed": self.seed,
-        }
-
 
 def _grouped_features(metrics: Sequence[LPIPS], x: Tensor) -> list[list[Tensor]]:
     """Normalised features of row block ``m`` of ``x`` ``[M·N, 3, H, W]`` (in [-1, 1]) under model ``m``;
@@ -124,12 +108,12 @@ class LPIPSObjective:
         if not self.metrics:
             raise ValueError("at least one model is needed")
         with torch.inference_mode(False), torch.no_grad():
-            tiled = (2 * reference.detach().clone() - 1).repeat(len(self.metrics), 1, 1, 1)
+            tiled = to_signed(reference.detach().clone()).repeat(len(self.metrics), 1, 1, 1)
             self._ref = _grouped_features(self.metrics, tiled)
 
     def distance(self, x: Tensor) -> Tensor:
         """``[M·N]`` distances of ``x`` ``[M·N, 3, H, W]`` (in [0, 1]) to the references."""
-        adv = _grouped_features(self.metrics, 2 * x - 1)
+        adv = _grouped_features(self.metrics, to_signed(x))
         pairs = zip(self.metrics, self._ref, adv, strict=True)
         return torch.cat([distance_from_features(m.heads, r, a).total for m, r, a in pairs])
 
@@ -141,20 +125,14 @@ class LPIPSObjective:
         return lambda x_adv: sign * self.distance(x_adv)
 
 
-def lpips_loss(metrics: LPIPS | Sequence[LPIPS], reference: Tensor, goal: Goal) -> LossFn:
-    """PGD loss for ``goal`` against ``reference`` ``[N, 3, H, W]`` in [0, 1] under one model (input
-    ``[N, 3, H, W]``) or M models (input ``[M·N, 3, H, W]``, model-major rows)."""
-    return LPIPSObjective(metrics, reference).loss(goal)
-
-
 def feature_mse_loss(trunk: Trunk, clean: Tensor) -> LossFn:
     """Untargeted feature attack: ``Σ_l mean((f_l(x_adv) − f_l(clean))²)`` over the trunk's raw taps,
     per sample; ``clean`` ``[N, 3, H, W]`` in [0, 1]."""
     with torch.inference_mode(False), torch.no_grad():
-        target = trunk(2 * clean.detach().clone() - 1)
+        target = trunk(to_signed(clean.detach().clone()))
 
     def loss(x_adv: Tensor) -> Tensor:
-        feats = trunk(2 * x_adv - 1)
+        feats = trunk(to_signed(x_adv))
         return torch.stack(
             [((f - t) ** 2).flatten(1).mean(1) for f, t in zip(feats, target, strict=True)]
         ).sum(0)
@@ -165,7 +143,8 @@ def feature_mse_loss(trunk: Trunk, clean: Tensor) -> LossFn:
 @dataclass(frozen=True)
 class ModelResult:
     """One model's outcome for one pair. ``adversarial`` is the returned 8-bit image ``[3, H, W]`` in
-    [0, 1]; ``adversarial_distance`` is measured on it, ``unquantized_distance`` on the PGD iterate."""
+    [0, 1] on the CPU; ``adversarial_distance`` is measured on it, ``unquantized_distance`` on the PGD
+    iterate."""
 
     model: str
     threshold: float
@@ -184,25 +163,18 @@ class ModelResult:
     def adversarial_match(self) -> bool:
         return self.adversarial_distance <= self.threshold
 
-    def as_dict(self, include_png: bool = False) -> dict[str, Any]:
-        """The per-model result of ``POST /robustness-check`` (``adversarial_png``: base64 PNG)."""
-        out: dict[str, Any] = {
-            "model": self.model,
-            "clean_distance": self.clean_distance,
-            "adversarial_distance": self.adversarial_distance,
-            "change": self.adversarial_distance - self.clean_distance,
-            "clean_match": self.clean_match,
-            "adversarial_match": self.adversarial_match,
-            "flipped": self.clean_match != self.adversarial_match,
-            "perturbation": {"linf": self.linf, "l2": self.l2},
-        }
-        if include_png:
-            out["adversarial_png"] = base64.b64encode(self.png()).decode("ascii")
-        return out
+    @property
+    def change(self) -> float:
+        return self.adversarial_distance - self.clean_distance
+
+    @property
+    def flipped(self) -> bool:
+        """The near-duplicate decision changed under the attack."""
+        return self.clean_match != self.adversarial_match
 
     def png(self) -> bytes:
         """The adversarial image as lossless 8-bit PNG bytes (exactly the levels that were measured)."""
-        return tensor_to_png(2 * self.adversarial - 1)
+        return tensor_to_png(to_signed(self.adversarial))
 
 
 def _device(metric: LPIPS) -> torch.device:
@@ -290,6 +262,7 @@ class RobustnessJob:
             adv = self._objective.distance(q).tolist()
             raw = self._objective.distance(self._final).tolist()
             linf, l2 = (v.tolist() for v in perturbation_norms(to_levels(q), x))
+            q = q.cpu()
         n_pairs = self.references.shape[0]
         out: list[list[ModelResult]] = [[] for _ in range(n_pairs)]
         for m, t in enumerate(self.targets):
@@ -328,26 +301,8 @@ def load_targets(
     device: str | torch.device = "cpu",
     skip_unavailable: bool = False,
 ) -> tuple[list[Target], dict[str, str]]:
-    """Load ``names`` (duplicates dropped) as targets whose models share one trunk object per trunk
-    file (so a batched attack makes one trunk pass for all of them). With ``skip_unavailable`` a model
-    the manifest does not name (yet) or whose weights are missing or corrupt is skipped with a logged
-    warning and returned in ``skipped`` (name → reason); otherwise ``KeyError`` / :class:`WeightsError`
-    propagate."""
-    trunks: dict[str, Trunk] = {}
-    targets: list[Target] = []
-    skipped: dict[str, str] = {}
-    for name in dict.fromkeys(names):
-        try:
-            entry = store.model(name)
-            trunk = trunks.get(entry.trunk.file) or store.load_trunk(name).to(device)
-            heads = store.load_heads(name).to(device)
-        except (KeyError, WeightsError) as exc:
-            if not skip_unavailable:
-                raise
-            reason = str(exc.args[0] if isinstance(exc, KeyError) else exc)
-            log.warning("skipping model %s: %s", name, reason)
-            skipped[name] = reason
-            continue
-        trunks[entry.trunk.file] = trunk
-        targets.append(Target(name, LPIPS(trunk, heads), entry.threshold))
-    return targets, skipped
+    """``names`` as targets at their store thresholds, sharing one trunk object per trunk file (so a
+    batched attack makes one trunk pass for all of them); see :meth:`ModelStore.load_shared` for
+    ``skip_unavailable`` and the returned ``skipped`` (name → reason)."""
+    metrics, skipped = store.load_shared(names, device, skip_unavailable)
+    return [Target(n, m, store.model(n).threshold) for n, m in metrics.items()], skipped

@@ -22,7 +22,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -37,25 +37,8 @@ Features = list[Tensor]  # L normalised maps [N, C_l, H_l, W_l], float32
 CacheKey = tuple[str, str, tuple[int, int]]  # (content hash, trunk file id, (H, W))
 
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-}
-
-
-def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
-    """The trunk's compute dtype: ``auto`` → float16 on CUDA, float32 elsewhere; else the named one.
-
-    float32 on CPU: bfloat16 autocast ran ×1.3–1.6 faster on the benchmark CPU (AVX512-BF16) but
-    misses the 1e-3 parity bar (lpips-squeeze golden pairs 1.6e-3, lpips-alex ImageNet pairs at 64²
-    1.2e-3); float16 autocast ran ×0.2–0.3 of float32 on that CPU (docs/benchmarks/optim.json,
-    tests/test_precision.py).
-    """
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[precision]
+#: Compute dtypes a trunk may run in for distances (autocast below float32).
+TRUNK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def content_key(data: bytes) -> str:
@@ -158,8 +141,8 @@ class Engine:
         precision: torch.dtype = torch.float32,
         channels_last: bool = True,
     ) -> None:
-        if precision not in DTYPES.values():
-            raise ValueError(f"precision must be one of {list(DTYPES.values())}, got {precision}")
+        if precision not in TRUNK_DTYPES:
+            raise ValueError(f"precision must be one of {list(TRUNK_DTYPES)}, got {precision}")
         self.store = store
         self.names = list(dict.fromkeys(models))
         self.device = device
@@ -173,27 +156,26 @@ class Engine:
         self.trunks: dict[str, Trunk] = {}
         self.heads: dict[str, Heads] = {}
         self.trunk_of: dict[str, str] = {}
+        self._metrics: dict[str, LPIPS] = {}
 
     # -- loading -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load every model's trunk (once per trunk file) and heads onto the device."""
-        for name in self.names:
-            entry = self.store.model(name)
-            trunk_id = entry.trunk.file
-            if trunk_id not in self.trunks:
-                trunk = self.store.load_trunk(name).to(self.device)
-                self.trunks[trunk_id] = trunk.to(memory_format=self._memory_format)
-            heads = self.store.load_heads(name).to(self.device)
-            LPIPS(self.trunks[trunk_id], heads)  # validates that the heads fit the trunk
-            self.heads[name] = heads
+        """Load every model onto the device, one trunk module per trunk file (shared by its heads)."""
+        metrics, _ = self.store.load_shared(self.names, self.device)
+        for name, metric in metrics.items():
+            trunk_id = self.store.model(name).trunk.file
+            metric.trunk.to(memory_format=self._memory_format)
+            self.trunks[trunk_id] = metric.trunk
+            self.heads[name] = metric.heads
             self.trunk_of[name] = trunk_id
             log.info("loaded %s (trunk %s) on %s", name, trunk_id, self.device)
+        self._metrics = metrics
 
     def metric(self, name: str) -> LPIPS:
-        """A differentiable float32 :class:`LPIPS` for ``name`` sharing the loaded trunk (for attacks;
-        never under the engine's autocast)."""
-        return LPIPS(self.trunks[self.trunk_of[name]], self.heads[name])
+        """The differentiable float32 :class:`LPIPS` of ``name``, sharing the loaded trunk (for attacks;
+        never under the engine's autocast). Use it on the device thread only."""
+        return self._metrics[name]
 
     def warmup(self) -> None:
         """Run every trunk and head once at the working resolution (also the spatial path)."""

@@ -7,9 +7,7 @@ threshold maximises balanced accuracy (mean of the true-positive and true-negati
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -144,28 +142,3 @@ def calibrate(
         }
     out["models"] = results
     return out
-
-
-def cmd_thresholds(args: argparse.Namespace) -> int:
-    from app.config import Settings
-
-    store = Settings().store()
-    report = calibrate(
-        store, args.models or store.names, Path(args.images), args.limit, args.resolution, args.seed
-    )
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
-
-
-def register(sub: argparse._SubParsersAction, evaluate_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = evaluate_sub.add_parser("thresholds", help="calibrate near-duplicate thresholds")
-    p.add_argument("--models", nargs="*", help="store model names (default: all)")
-    p.add_argument("--images", default="../shared/images/imagenet-sample")
-    p.add_argument("--limit", type=int, default=300)
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the JSON report here")
-    p.set_defaults(func=cmd_thresholds)

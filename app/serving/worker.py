@@ -24,16 +24,8 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
-from app.batching import (
-    BatchObserver,
-    Completed,
-    DeadlineExceeded,
-    Draining,
-    Lane,
-    NullObserver,
-    Overloaded,
-    WorkerStopped,
-)
+from app.serving.batching import BatchObserver, Completed, Lane, NullObserver
+from app.serving.errors import DeadlineExceeded, Draining, Overloaded, WorkerStopped
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +114,6 @@ class DeviceWorker:
             for t in left:
                 if t.future.set_running_or_notify_cancel():
                     t.future.set_exception(WorkerStopped("the device worker stopped"))
-
-
-def _timed(fn: Callable[[], R]) -> tuple[R, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 _Step = tuple[bool, Any, float]

@@ -1,0 +1,88 @@
+"""``POST /distance``: one reference against 1..N candidates.
+
+One pipeline, one direction: read body → validate → decode + resize (thread pool) → admission +
+micro-batch (device worker) → split results → encode. Errors are raised as exceptions and mapped to
+bodies in :mod:`app.api.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from functools import partial
+
+from fastapi import APIRouter, Request
+
+from app.api.deps import ReadyRuntime, loaded_model, time_left, until_disconnect
+from app.api.inputs import ImageField, read_body
+from app.api.schemas import (
+    DISTANCE_BODY,
+    ERROR_RESPONSES,
+    DistanceJSON,
+    DistanceOptions,
+    DistanceResponse,
+    PairResult,
+    Timing,
+)
+from app.imaging import heatmap_png
+from app.metric.engine import Answer, Query
+from app.serving.runtime import Runtime
+
+router = APIRouter()
+
+FIELDS = (
+    ImageField("reference", "reference"),
+    ImageField("candidate", "candidates", many=True),
+)
+
+
+async def _heatmaps(rt: Runtime, answer: Answer) -> list[str] | None:
+    """Base64 PNG heat maps of the answer's spatial maps (encoded in the decode pool)."""
+    if answer.spatial is None:
+        return None
+    pngs = await asyncio.gather(*(rt.run_cpu(partial(heatmap_png, m)) for m in answer.spatial))
+    return [base64.b64encode(p).decode("ascii") for p in pngs]
+
+
+@router.post(
+    "/distance",
+    response_model=DistanceResponse,
+    response_model_exclude_none=True,
+    responses=ERROR_RESPONSES,
+    openapi_extra=DISTANCE_BODY,
+    summary="LPIPS / R-LPIPS distance between a reference and 1..N candidates",
+)
+async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
+    """Multipart (file ``reference``, repeated file ``candidate``) or JSON (base64). Images are resized
+    to the working resolution; results come in candidate order."""
+    started = time.perf_counter()
+    body = await read_body(
+        request, FIELDS, DistanceJSON, DistanceOptions, rt.settings.max_candidates
+    )
+    opts = body.options
+    model = loaded_model(rt, opts.model)
+    threshold = rt.threshold(model) if opts.threshold is None else opts.threshold
+    rt.check_distance(body.counts["candidate"])  # refuse before decoding when the queue is full
+    t_decode = time.perf_counter()
+    images = await rt.decode(body.images)
+    decode_s = time.perf_counter() - t_decode
+    query = Query(model, images[0], tuple(images[1:]), opts.spatial)
+    done = await until_disconnect(request, rt.distance(query, time_left(rt, started)))
+    pngs = await _heatmaps(rt, done.value)
+    results = [
+        PairResult(
+            distance=d,
+            near_duplicate=d <= threshold,
+            per_layer=done.value.per_layer[i] if opts.per_layer else None,
+            spatial_png=pngs[i] if pngs else None,
+        )
+        for i, d in enumerate(done.value.distances)
+    ]
+    return DistanceResponse(
+        model=model,
+        resolution=[rt.resolution, rt.resolution],
+        threshold=threshold,
+        results=results,
+        timing_ms=Timing.of(decode_s, done.queued_s, done.device_s, time.perf_counter() - started),
+    )

@@ -1,0 +1,1 @@
+"""The ``rlpips`` command line (:mod:`app.cli.main`)."""
