@@ -1,5 +1,6 @@
 """Optional API keys (``RLPIPS_API_KEYS``): Bearer or X-API-Key, one 401 body for every failure,
-probes open or closed by setting, constant-time comparison, keys never logged."""
+probes open or closed by setting, constant-time comparison, keys never logged (on the tiny random-weight
+store: no assertion here depends on distance values)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 from app.api import auth
 from app.config import Settings
-from tests.apiutil import metric, multipart, serve, settings
-from tests.badinputs import jpeg, png_of
+from tests.support.apiutil import metric, multipart, serve, tiny_settings
+from tests.support.badinputs import jpeg, png_of
 
 KEYS = ("k3y-alpha-0123456789", "k3y-beta-9876543210")
 
@@ -26,9 +27,9 @@ def unauthorized(r: httpx.Response) -> str:
 
 
 async def test_keys_are_required_and_every_refusal_looks_the_same(
-    weights_dir: Path, caplog: pytest.LogCaptureFixture
+    tiny_store: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = settings(weights_dir, api_keys=",".join(KEYS))
+    s = tiny_settings(tiny_store, api_keys=",".join(KEYS))
     files = multipart(jpeg(), png_of())
     with caplog.at_level(logging.DEBUG):
         async with serve(s) as (client, _):
@@ -69,8 +70,8 @@ async def test_keys_are_required_and_every_refusal_looks_the_same(
         assert key not in repr(s) and key not in str(s.model_dump())
 
 
-async def test_probes_can_be_closed(weights_dir: Path) -> None:
-    s = settings(weights_dir, api_keys=[KEYS[0]], open_probes=False)
+async def test_probes_can_be_closed(tiny_store: Path) -> None:
+    s = tiny_settings(tiny_store, api_keys=[KEYS[0]], open_probes=False)
     async with serve(s) as (client, _):
         for probe in ("/healthz", "/readyz", "/metrics"):
             unauthorized(await client.get(probe))
@@ -78,8 +79,8 @@ async def test_probes_can_be_closed(weights_dir: Path) -> None:
             assert ok.status_code == 200
 
 
-async def test_without_keys_everything_is_open(weights_dir: Path) -> None:
-    async with serve(settings(weights_dir)) as (client, _):
+async def test_without_keys_everything_is_open(tiny_store: Path) -> None:
+    async with serve(tiny_settings(tiny_store)) as (client, _):
         r = await client.post("/distance", files=multipart(jpeg(), png_of()))
         assert r.status_code == 200, r.text
 

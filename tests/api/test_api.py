@@ -1,4 +1,8 @@
-"""The HTTP API through the ASGI app (lifespan run): every endpoint, both encodings, every error body."""
+"""The HTTP API through the ASGI app (lifespan run): every endpoint, both encodings, every error body.
+
+On the tiny random-weight store: the service must give what the plain metric gives with the same
+weights, whatever those are (agreement with real LPIPS values is tested in ``tests/unit`` and by
+``test_api_runtime.py::test_http_agrees_with_the_cli_at_256``)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from PIL import Image
 
 from app.imaging import load_tensor
 from app.metric.store import ModelStore
-from tests.apiutil import jpegs, metric, multipart, png, runtime, serve, settings
+from tests.support import tinystore as tiny
+from tests.support.apiutil import jpegs, metric, multipart, png, runtime, serve, tiny_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -27,10 +32,10 @@ Client = tuple[httpx.AsyncClient, FastAPI]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def api(weights_dir: Path) -> AsyncIterator[Client]:
-    s = settings(
-        weights_dir,
-        models=["lpips-alex", "lpips-squeeze"],
+async def api(tiny_store: Path) -> AsyncIterator[Client]:
+    s = tiny_settings(
+        tiny_store,
+        models=["lpips-alex", tiny.SQUEEZE],
         max_body_bytes=2_000_000,
         max_pixels=1_000_000,
         max_candidates=4,
@@ -46,11 +51,17 @@ def imgs() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def plain(store: ModelStore) -> Iterator[Any]:
-    """Reference distances from the plain metric at 64×64 (no service, no batching)."""
+def served(tiny_store: Path) -> ModelStore:
+    """The store the service reads (the tiny one)."""
+    return ModelStore(tiny_store)
+
+
+@pytest.fixture(scope="module")
+def plain(served: ModelStore) -> Iterator[Any]:
+    """Reference distances from the plain metric at 64×64 (no service, no batching), same weights."""
 
     def distance(model: str, a: bytes, b: bytes) -> float:
-        metric_ = store.load(model)
+        metric_ = served.load(model)
         with torch.inference_mode():
             return float(metric_(load_tensor(a, 64)[None], load_tensor(b, 64)[None])[0])
 
@@ -83,7 +94,7 @@ async def test_health_ready_and_docs(api: Client) -> None:
 
 
 async def test_distance_multipart_one_to_n_in_candidate_order(
-    api: Client, imgs: list[bytes], plain: Any
+    api: Client, imgs: list[bytes], plain: Any, served: ModelStore
 ) -> None:
     client, _ = api
     ref, a, b, c, _ = imgs
@@ -91,7 +102,7 @@ async def test_distance_multipart_one_to_n_in_candidate_order(
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "lpips-alex" and body["resolution"] == [64, 64]
-    assert body["threshold"] == ModelStore().model("lpips-alex").threshold
+    assert body["threshold"] == served.model("lpips-alex").threshold
     got = [res["distance"] for res in body["results"]]
     want = [plain("lpips-alex", ref, x) for x in (a, ref, b, c)]
     assert got == pytest.approx(want, abs=1e-5)
@@ -113,7 +124,7 @@ async def test_distance_json_equals_multipart_and_options(
     doc = {
         "reference": "data:image/jpeg;base64," + enc[0],
         "candidates": enc[1:],
-        "model": "lpips-squeeze",
+        "model": tiny.SQUEEZE,
         "threshold": 0.0,
         "per_layer": True,
         "spatial": True,
@@ -121,16 +132,16 @@ async def test_distance_json_equals_multipart_and_options(
     r = await client.post("/distance", json=doc)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == "lpips-squeeze" and body["threshold"] == 0.0
+    assert body["model"] == tiny.SQUEEZE and body["threshold"] == 0.0
     for res, x in zip(body["results"], (a, b), strict=True):
-        assert res["distance"] == pytest.approx(plain("lpips-squeeze", ref, x), abs=1e-5)
+        assert res["distance"] == pytest.approx(plain(tiny.SQUEEZE, ref, x), abs=1e-5)
         assert res["near_duplicate"] is False
         assert len(res["per_layer"]) == 7 and sum(res["per_layer"]) == pytest.approx(
             res["distance"], rel=1e-5
         )
         heat = Image.open(io.BytesIO(base64.b64decode(res["spatial_png"])))
         assert heat.format == "PNG" and heat.size == (64, 64)
-    form = {"model": "lpips-squeeze", "threshold": "0", "per_layer": "true"}
+    form = {"model": tiny.SQUEEZE, "threshold": "0", "per_layer": "true"}
     m = await client.post("/distance", files=multipart(ref, a, b), data=form)
     assert [x["distance"] for x in m.json()["results"]] == pytest.approx(
         [x["distance"] for x in body["results"]], abs=1e-6
@@ -141,7 +152,7 @@ async def test_distance_json_equals_multipart_and_options(
     ("form", "field"),
     [
         ({"model": "no-such-model"}, "model"),
-        ({"model": "lpips-vgg"}, "model"),  # in the store, not loaded here
+        ({"model": tiny.MISSING}, "model"),  # in the store, not loaded here
         ({"threshold": "-0.1"}, "threshold"),
         ({"threshold": "nan"}, "threshold"),
         ({"threshold": "abc"}, "threshold"),
@@ -267,19 +278,18 @@ async def test_internal_error_has_a_logged_error_id_and_no_trace(
     assert (await client.post("/distance", files=multipart(imgs[0], imgs[1]))).status_code == 200
 
 
-async def test_models_lists_the_store(api: Client) -> None:
+async def test_models_lists_the_store(api: Client, served: ModelStore) -> None:
     client, _ = api
     listing = (await client.get("/models")).json()["models"]
-    store = ModelStore()
-    assert [m["name"] for m in listing] == store.names
+    assert [m["name"] for m in listing] == served.names
     assert [m["name"] for m in listing if m["default"]] == ["lpips-alex"]
     by_name = {m["name"]: m for m in listing}
-    assert by_name["lpips-alex"]["loaded"] and by_name["lpips-squeeze"]["loaded"]
-    assert not by_name["lpips-vgg"]["loaded"]
+    assert by_name["lpips-alex"]["loaded"] and by_name[tiny.SQUEEZE]["loaded"]
+    assert not by_name[tiny.MISSING]["loaded"]
     alex = by_name["lpips-alex"]
-    assert alex["trunk"] == "alex" and alex["threshold"] == store.model("lpips-alex").threshold
+    assert alex["trunk"] == "alex" and alex["threshold"] == served.model("lpips-alex").threshold
     assert all(f["available"] and len(f["sha256"]) == 64 for f in alex["files"])
-    assert any(not f["available"] for f in by_name["lpips-vgg"]["files"])
+    assert any(not f["available"] for f in by_name[tiny.MISSING]["files"])
 
 
 async def test_concurrent_requests_are_batched_and_equal_sequential(
@@ -318,7 +328,7 @@ async def test_metrics_after_traffic(api: Client, imgs: list[bytes]) -> None:
     assert metric(text, "rlpips_pairs_total", model="lpips-alex") >= 2
     assert metric(text, "rlpips_cache_requests_total", result="hit") >= 1
     assert metric(text, "rlpips_cache_requests_total", result="miss") >= 1
-    assert metric(text, "rlpips_model_info", name="lpips-squeeze", device="cpu") == 1
+    assert metric(text, "rlpips_model_info", name=tiny.SQUEEZE, device="cpu") == 1
     assert metric(text, "rlpips_decode_duration_seconds_count") >= 4
     assert metric(text, "rlpips_queue_wait_seconds_count") >= 2
     assert metric(text, "rlpips_inference_duration_seconds_count", kind="distance") >= 1
@@ -328,10 +338,10 @@ async def test_metrics_after_traffic(api: Client, imgs: list[bytes]) -> None:
     assert "rlpips_device_memory_bytes" not in text  # CPU: no device memory gauge
 
 
-async def test_an_app_without_lifespan_is_not_ready(weights_dir: Path, imgs: list[bytes]) -> None:
+async def test_an_app_without_lifespan_is_not_ready(tiny_store: Path, imgs: list[bytes]) -> None:
     from app.main import create_app
 
-    app = create_app(settings(weights_dir))
+    app = create_app(tiny_settings(tiny_store))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         assert (await client.get("/healthz")).status_code == 200

@@ -30,7 +30,6 @@ from app.training.evaluate import TwoAFCAttack, evaluate
 from app.training.model import load_metric
 from app.training.train import TrainConfig, Trainer, export
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = "r-lpips-alex-linf-synth"
 TINY = (48, 12, 24)
 

@@ -1,4 +1,5 @@
-"""``POST /robustness-check`` through the ASGI app: defaults, both encodings, caps, fairness, overload."""
+"""``POST /robustness-check`` through the ASGI app: defaults (the shipped robust model, real weights), both
+encodings, caps, fairness, overload (on the tiny random-weight store)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 from PIL import Image
 
 from app.imaging import load_tensor
-from tests.apiutil import jpegs, runtime, serve, settings
-
-KODAK = Path(__file__).resolve().parents[2] / "shared" / "images" / "kodak24"
+from tests.support import KODAK
+from tests.support import tinystore as tiny
+from tests.support.apiutil import jpegs, runtime, serve, settings, tiny_settings
 
 
 def b64(data: bytes) -> str:
@@ -48,13 +49,13 @@ async def test_defaults_attack_the_reference_against_itself(weights_dir: Path) -
         assert body["resolution"] == [64, 64] and body["timing_ms"]["inference"] > 0
 
 
-async def test_multipart_impersonate_returns_the_measured_png(weights_dir: Path) -> None:
+async def test_multipart_impersonate_returns_the_measured_png(tiny_store: Path) -> None:
     ref, cand = jpegs(2)
-    s = settings(weights_dir, models=["lpips-alex", "lpips-squeeze"])
+    s = tiny_settings(tiny_store, models=["lpips-alex", tiny.SQUEEZE])
     async with serve(s) as (client, _):
         files = [("reference", ("r.jpg", ref)), ("candidate", ("c.jpg", cand))]
         data = {
-            "models": "lpips-alex,lpips-squeeze",
+            "models": f"lpips-alex,{tiny.SQUEEZE}",
             "goal": "impersonate",
             "steps": "10",
             "return_adversarial": "true",
@@ -64,7 +65,7 @@ async def test_multipart_impersonate_returns_the_measured_png(weights_dir: Path)
         r = await client.post("/robustness-check", files=files, data=data)
         assert r.status_code == 200, r.text
         results = r.json()["results"]
-    assert [x["model"] for x in results] == ["lpips-alex", "lpips-squeeze"]
+    assert [x["model"] for x in results] == ["lpips-alex", tiny.SQUEEZE]
     clean_cand = (load_tensor(cand, 64) + 1) / 2
     for res in results:
         assert res["adversarial_distance"] < res["clean_distance"]
@@ -83,7 +84,7 @@ async def test_multipart_impersonate_returns_the_measured_png(weights_dir: Path)
         ({"attack": "l2", "epsilon": 1.0, "steps": 0}, "steps"),
         ({"attack": "l1"}, "attack"),
         ({"goal": "destroy"}, "goal"),
-        ({"models": ["lpips-vgg"]}, "models"),
+        ({"models": [tiny.MISSING]}, "models"),
         ({"models": ["no-such-model"]}, "models"),
         ({"step_size": -0.1}, "step_size"),
         ({"seed": -1}, "seed"),
@@ -91,9 +92,9 @@ async def test_multipart_impersonate_returns_the_measured_png(weights_dir: Path)
     ],
 )
 async def test_bad_parameters_are_422_naming_the_field(
-    weights_dir: Path, payload: dict[str, object], field: str
+    tiny_store: Path, payload: dict[str, object], field: str
 ) -> None:
-    async with serve(settings(weights_dir, max_attack_steps=100)) as (client, _):
+    async with serve(tiny_settings(tiny_store, max_attack_steps=100)) as (client, _):
         r = await client.post("/robustness-check", json={"reference": b64(jpegs(1)[0]), **payload})
         assert r.status_code == 422, r.text
         err = r.json()["error"]
@@ -101,9 +102,9 @@ async def test_bad_parameters_are_422_naming_the_field(
         assert (await client.get("/readyz")).status_code == 200
 
 
-async def test_distance_completes_while_a_long_attack_runs(weights_dir: Path) -> None:
+async def test_distance_completes_while_a_long_attack_runs(tiny_store: Path) -> None:
     ref, cand = jpegs(2)
-    s = settings(weights_dir, resolution=128, deadline_s=120, max_attack_steps=400)
+    s = tiny_settings(tiny_store, resolution=128, deadline_s=120, max_attack_steps=400)
     async with serve(s) as (client, _):
         attack = asyncio.create_task(
             client.post("/robustness-check", json={"reference": b64(ref), "steps": 400})
@@ -117,10 +118,10 @@ async def test_distance_completes_while_a_long_attack_runs(weights_dir: Path) ->
         assert r.status_code == 200, r.text
 
 
-async def test_attack_jobs_over_the_cap_get_429(weights_dir: Path) -> None:
+async def test_attack_jobs_over_the_cap_get_429(tiny_store: Path) -> None:
     ref = jpegs(1)[0]
-    s = settings(
-        weights_dir, resolution=128, max_attack_jobs=1, max_attack_steps=300, deadline_s=120
+    s = tiny_settings(
+        tiny_store, resolution=128, max_attack_jobs=1, max_attack_steps=300, deadline_s=120
     )
     async with serve(s) as (client, _):
         first = asyncio.create_task(
@@ -136,8 +137,8 @@ async def test_attack_jobs_over_the_cap_get_429(weights_dir: Path) -> None:
         assert (await first).status_code == 200
 
 
-async def test_deadline_applies_to_attacks(weights_dir: Path) -> None:
-    s = settings(weights_dir, resolution=128, deadline_s=0.5, max_attack_steps=500)
+async def test_deadline_applies_to_attacks(tiny_store: Path) -> None:
+    s = tiny_settings(tiny_store, resolution=128, deadline_s=0.5, max_attack_steps=500)
     async with serve(s) as (client, _):
         r = await client.post(
             "/robustness-check", json={"reference": b64(jpegs(1)[0]), "steps": 500}

@@ -4,6 +4,9 @@
 Every refused request gets its documented 4xx with the JSON error body naming the problem; valid but
 unusual images are accepted (200) and decoded by the documented convention; nothing ever answers 5xx or
 shows a trace, and the service stays ready after each case.
+
+On the tiny random-weight store: "decoded to the same picture" is a distance near 0 under any weights,
+and "different pictures" a distance clearly above 0 (checked to hold for the tiny models).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from tests import badinputs as bad
-from tests.apiutil import metric, serve, settings
+from tests.support import badinputs as bad
+from tests.support.apiutil import metric, serve, tiny_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -231,9 +234,9 @@ CASES: list[Case] = [
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def api(weights_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    s = settings(
-        weights_dir,
+async def api(tiny_store: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    s = tiny_settings(
+        tiny_store,
         max_body_bytes=MAX_BODY,
         max_pixels=MAX_PIXELS,
         max_candidates=MAX_CANDIDATES,

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.apiutil import jpegs, metric, multipart
-from tests.serverutil import Server, launch, wait_ready
+from tests.support.apiutil import jpegs, metric, multipart
+from tests.support.serverutil import Server, launch, wait_ready
 
 pytestmark = pytest.mark.e2e
 

@@ -1,7 +1,7 @@
 """Device faults, injected through the runtime's test hook (``Runtime.fault_hook``, called on the device
 thread with each distance batch): one failed batch fails only its requests with a logged ``error_id``;
 out-of-memory batches are split and retried; repeated failure turns readiness off until the device works
-again."""
+again (on the tiny random-weight store: distances are only compared with each other)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from app.metric.engine import Query
-from tests.apiutil import hold_device, multipart, runtime, serve, settings, until
-from tests.badinputs import gradient, jpeg, png_of
+from tests.support.apiutil import hold_device, multipart, runtime, serve, tiny_settings, until
+from tests.support.badinputs import gradient, jpeg, png_of
 
 A, B, C = jpeg(), png_of(gradient(40, 40).rotate(90)), png_of(gradient(20, 60))
 
@@ -38,9 +38,9 @@ class Recorder:
 
 
 async def test_a_failing_batch_fails_only_its_requests(
-    weights_dir: Path, caplog: pytest.LogCaptureFixture
+    tiny_store: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = settings(weights_dir, max_wait_ms=0)
+    s = tiny_settings(tiny_store, max_wait_ms=0)
     async with serve(s) as (client, app):
         rt = runtime(app)
         hook = Recorder(RuntimeError, when_over=1)  # 2-pair batches fail, 1-pair batches pass
@@ -75,9 +75,9 @@ async def test_a_failing_batch_fails_only_its_requests(
         assert again.status_code == 200, again.text
 
 
-async def test_out_of_memory_splits_the_batch_and_retries(weights_dir: Path) -> None:
+async def test_out_of_memory_splits_the_batch_and_retries(tiny_store: Path) -> None:
     candidates = [A, B, C, A]
-    s = settings(weights_dir, max_batch_pairs=4, max_wait_ms=1000)  # flushes when 4 pairs wait
+    s = tiny_settings(tiny_store, max_batch_pairs=4, max_wait_ms=1000)  # flushes when 4 pairs wait
     async with serve(s) as (client, app):
         rt = runtime(app)
         clean = [
@@ -104,9 +104,9 @@ async def test_out_of_memory_splits_the_batch_and_retries(weights_dir: Path) -> 
 
 
 async def test_repeated_failure_turns_readiness_off_until_the_device_recovers(
-    weights_dir: Path,
+    tiny_store: Path,
 ) -> None:
-    s = settings(weights_dir, max_wait_ms=0, max_batch_failures=3)
+    s = tiny_settings(tiny_store, max_wait_ms=0, max_batch_failures=3)
     async with serve(s) as (client, app):
         rt = runtime(app)
         hook = Recorder(RuntimeError)
@@ -127,10 +127,10 @@ async def test_repeated_failure_turns_readiness_off_until_the_device_recovers(
 
 
 async def test_readiness_probe_recovers_without_traffic(
-    weights_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("app.serving.runtime.PROBE_EVERY_S", 0.0)
-    s = settings(weights_dir, max_wait_ms=0, max_batch_failures=1)
+    s = tiny_settings(tiny_store, max_wait_ms=0, max_batch_failures=1)
     async with serve(s) as (client, app):
         rt = runtime(app)
         rt.fault_hook = Recorder(RuntimeError)

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.cli.main import main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 def golden_cases(golden: Path) -> list[tuple[str, Path, Path, str, dict[str, float]]]:

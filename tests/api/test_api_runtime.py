@@ -1,5 +1,6 @@
 """The API under pressure (ASGI): 429 overload, 504 deadline, client disconnects, worker death,
-draining — and agreement with ``rlpips distance --resolution 256``."""
+draining (on the tiny random-weight store) — and agreement with ``rlpips distance --resolution 256``
+(real weights)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from app.cli.main import main as cli_main
-from tests.apiutil import (
+from tests.support.apiutil import (
     IMAGENET,
     call_then_disconnect,
     hold_device,
@@ -22,13 +23,14 @@ from tests.apiutil import (
     runtime,
     serve,
     settings,
+    tiny_settings,
     until,
 )
 
 
-async def test_full_queue_answers_429_with_retry_after(weights_dir: Path) -> None:
+async def test_full_queue_answers_429_with_retry_after(tiny_store: Path) -> None:
     imgs = jpegs(3)
-    async with serve(settings(weights_dir, queue_size=2, max_wait_ms=0)) as (client, app):
+    async with serve(tiny_settings(tiny_store, queue_size=2, max_wait_ms=0)) as (client, app):
         rt = runtime(app)
         gate = hold_device(rt)
         try:
@@ -48,9 +50,9 @@ async def test_full_queue_answers_429_with_retry_after(weights_dir: Path) -> Non
         assert metric(text, "rlpips_requests_total", endpoint="/distance", status="429") == 1
 
 
-async def test_deadline_gives_504_and_the_work_never_runs(weights_dir: Path) -> None:
+async def test_deadline_gives_504_and_the_work_never_runs(tiny_store: Path) -> None:
     imgs = jpegs(2)
-    async with serve(settings(weights_dir, deadline_s=1.0, max_wait_ms=0)) as (client, app):
+    async with serve(tiny_settings(tiny_store, deadline_s=1.0, max_wait_ms=0)) as (client, app):
         rt = runtime(app)
         gate = hold_device(rt)
         try:
@@ -68,9 +70,9 @@ async def test_deadline_gives_504_and_the_work_never_runs(weights_dir: Path) -> 
         assert metric(text, "rlpips_batch_size_count") == 0
 
 
-async def test_disconnected_client_is_skipped_and_counted(weights_dir: Path) -> None:
+async def test_disconnected_client_is_skipped_and_counted(tiny_store: Path) -> None:
     imgs = jpegs(2)
-    async with serve(settings(weights_dir, max_wait_ms=0)) as (client, app):
+    async with serve(tiny_settings(tiny_store, max_wait_ms=0)) as (client, app):
         rt = runtime(app)
         gate = hold_device(rt)
         filler = asyncio.ensure_future(client.post("/distance", files=multipart(*imgs)))
@@ -92,9 +94,9 @@ async def test_disconnected_client_is_skipped_and_counted(weights_dir: Path) -> 
         )  # never reached the model
 
 
-async def test_worker_death_and_draining_turn_readiness_off(weights_dir: Path) -> None:
+async def test_worker_death_and_draining_turn_readiness_off(tiny_store: Path) -> None:
     imgs = jpegs(2)
-    async with serve(settings(weights_dir)) as (client, app):
+    async with serve(tiny_settings(tiny_store)) as (client, app):
         rt = runtime(app)
         assert (await client.get("/readyz")).status_code == 200
         rt.worker.stop(timeout_s=10)
@@ -131,7 +133,7 @@ def test_http_agrees_with_the_cli_at_256(
     assert min(cli) > 0.1
 
 
-def test_jpeg_draft_setting_reaches_decoding(weights_dir: Path) -> None:
+def test_jpeg_draft_setting_reaches_decoding(tiny_store: Path) -> None:
     """``RLPIPS_JPEG_DRAFT`` is off by default (full decode) and, when on, decodes like
     ``load_tensor(..., draft=True)``."""
     from app.imaging import load_tensor
@@ -140,7 +142,7 @@ def test_jpeg_draft_setting_reaches_decoding(weights_dir: Path) -> None:
 
     data = (IMAGENET / sorted(p.name for p in IMAGENET.glob("*.JPEG"))[0]).read_bytes()
     for draft in (False, True):
-        s = settings(weights_dir, **({"jpeg_draft": True} if draft else {}))
+        s = tiny_settings(tiny_store, **({"jpeg_draft": True} if draft else {}))
         rt = Runtime(s, s.store(), Telemetry())
         try:
             got = asyncio.run(rt.decode([("image", data)]))[0].tensor

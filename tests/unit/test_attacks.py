@@ -287,7 +287,7 @@ def test_job_yields_once_per_step(alex: LPIPS, images_dir: Path) -> None:
     assert len(job.results()) == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_attack_on_cuda(store: ModelStore, images_dir: Path) -> None:
     gpu = store.load("lpips-alex", "cuda")
     ref = _image(images_dir, "kodim23.png", 128)

@@ -25,8 +25,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from tests import badinputs as bad
-from tests.serverutil import launch, wait_ready
+from tests.support import badinputs as bad
+from tests.support.serverutil import launch, wait_ready
 
 pytestmark = pytest.mark.e2e
 

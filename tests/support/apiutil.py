@@ -1,4 +1,5 @@
-"""Helpers for the API tests: an app run through its lifespan, metric lookup, sample payloads."""
+"""Helpers for the API and end-to-end tests: settings (real or tiny weights), an app run through its
+lifespan, metric lookup, sample payloads, raw ASGI calls and a held device."""
 
 from __future__ import annotations
 
@@ -19,22 +20,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.main import create_app
 from app.serving.runtime import Runtime
+from tests.support import IMAGENET
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-IMAGENET = SHARED / "images" / "imagenet-sample"
+#: Test settings: 64×64 working resolution unless overridden, fast flushes, and lpips-alex as the
+#: default model (pass ``default_model=None`` for the store's default).
+BASE: dict[str, Any] = {
+    "default_model": "lpips-alex",
+    "resolution": 64,
+    "max_wait_ms": 20,
+    "models": ["lpips-alex"],
+}
 
 
 def settings(weights_dir: Path, **kw: Any) -> Settings:
-    """Test settings: 64×64 working resolution unless overridden, offline weights, fast flushes, and
-    lpips-alex as the default model (pass ``default_model=None`` for the store's default)."""
-    base: dict[str, Any] = {
-        "default_model": "lpips-alex",
-        "resolution": 64,
-        "weights_dir": weights_dir,
-        "max_wait_ms": 20,
-        "models": ["lpips-alex"],
-    }
-    return Settings(**(base | kw))
+    """:data:`BASE` settings on the repository's store with the offline (real) weights."""
+    return Settings(**(BASE | {"weights_dir": weights_dir} | kw))
+
+
+def tiny_settings(tiny_store: Path, **kw: Any) -> Settings:
+    """:data:`BASE` settings on the tiny random-weight store (the ``tiny_store`` fixture): its
+    ``lpips-alex`` has random weights, so only for tests whose assertions do not depend on real LPIPS
+    values; needs no offline weights."""
+    return Settings(**(BASE | {"model_store": tiny_store, "weights_dir": None} | kw))
 
 
 @asynccontextmanager

@@ -227,7 +227,7 @@ def test_startup_log_names_the_precision(
     assert any("trunk precision bfloat16" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_fp16_parity_with_cpu_fp32(
     store: ModelStore, golden_dir: Path, fp32: dict[int | None, dict[tuple[str, str], float]]
 ) -> None:
