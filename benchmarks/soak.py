@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from tests import badinputs as bad
+from tests.support import badinputs as bad
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = ROOT.parent / "shared" / "images" / "imagenet-sample"
