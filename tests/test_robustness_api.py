@@ -103,7 +103,7 @@ async def test_bad_parameters_are_422_naming_the_field(
 
 async def test_distance_completes_while_a_long_attack_runs(weights_dir: Path) -> None:
     ref, cand = jpegs(2)
-    s = settings(weights_dir, resolution=128, deadline_s=120, max_attack_steps=400)
+    s = settings(weights_dir, resolution=128, attack_deadline_s=120, max_attack_steps=400)
     async with serve(s) as (client, _):
         attack = asyncio.create_task(
             client.post("/robustness-check", json={"reference": b64(ref), "steps": 400})
@@ -120,7 +120,7 @@ async def test_distance_completes_while_a_long_attack_runs(weights_dir: Path) ->
 async def test_attack_jobs_over_the_cap_get_429(weights_dir: Path) -> None:
     ref = jpegs(1)[0]
     s = settings(
-        weights_dir, resolution=128, max_attack_jobs=1, max_attack_steps=300, deadline_s=120
+        weights_dir, resolution=128, max_attack_jobs=1, max_attack_steps=300, attack_deadline_s=120
     )
     async with serve(s) as (client, _):
         first = asyncio.create_task(
@@ -137,7 +137,7 @@ async def test_attack_jobs_over_the_cap_get_429(weights_dir: Path) -> None:
 
 
 async def test_deadline_applies_to_attacks(weights_dir: Path) -> None:
-    s = settings(weights_dir, resolution=128, deadline_s=0.5, max_attack_steps=500)
+    s = settings(weights_dir, resolution=128, attack_deadline_s=0.5, max_attack_steps=500)
     async with serve(s) as (client, _):
         r = await client.post(
             "/robustness-check", json={"reference": b64(jpegs(1)[0]), "steps": 500}

@@ -51,10 +51,10 @@ def loaded_model(rt: Runtime, name: str | None, field: str = "model") -> str:
     return name
 
 
-def time_left(rt: Runtime, started: float) -> float:
-    """Seconds left of the request deadline, for a request that started at ``started``
+def time_left(started: float, deadline_s: float) -> float:
+    """Seconds left of a ``deadline_s`` deadline for a request that started at ``started``
     (``time.perf_counter()``)."""
-    return rt.settings.deadline_s - (time.perf_counter() - started)
+    return deadline_s - (time.perf_counter() - started)
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:

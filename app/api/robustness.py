@@ -92,10 +92,11 @@ async def robustness_check(request: Request, rt: ReadyRuntime) -> RobustnessResp
     spec, thresholds = _spec(rt, opts), _thresholds(rt, opts)
     rt.check_attack()  # refuse before decoding when every attack slot is taken
     t_decode = time.perf_counter()
-    images = await rt.decode(body.images)
+    deadline_s = rt.settings.attack_deadline_s
+    images = await until_disconnect(request, rt.decode(body.images, time_left(started, deadline_s)))
     decode_s = time.perf_counter() - t_decode
     candidate = images[1] if len(images) > 1 else None
-    work = rt.attack(images[0], candidate, thresholds, spec, time_left(rt, started))
+    work = rt.attack(images[0], candidate, thresholds, spec, time_left(started, deadline_s))
     done = await until_disconnect(request, work)
     return RobustnessResponse(
         attack=AttackParams.of(spec),
