@@ -30,8 +30,11 @@ DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
 #: times the target size on that axis (Pillow's ``reducing_gap``: indistinguishable from a direct
 #: resize, and memory and time proportional to the pixels instead of to the axis ratio).
 REDUCING_GAP = 3.0
-#: Decode cost charged per image row, in pixels (a row of a very tall image is bookkeeping too).
+#: Decode cost charged per image row and per column (two extra rows: the decoders' line buffers), in
+#: pixels: very tall or very wide images cost bookkeeping and buffers beyond their pixel count.
 ROW_COST = 16
+#: Formats whose decoding needs several full-size buffers (measured peak memory per pixel over PNG's).
+FORMAT_COST = {"WEBP": 3}
 #: Decode cost of each JPEG scan after the first three, as a fraction of one full decode
 #: (measured ≈ 0.06 at 6000x6000 on the benchmark CPU; charged at 0.1).
 SCAN_COST = 0.1
@@ -180,9 +183,11 @@ def _check_jpeg(data: bytes, w: int, h: int, limits: DecodeLimits) -> int:
     return layout.scans
 
 
-def decode_cost(width: int, height: int, scans: int = 1) -> int:
-    """The decode cost of a ``width``×``height`` image in pixel units (rows and JPEG scans charged)."""
-    return int((width + ROW_COST) * height * (1 + SCAN_COST * max(0, scans - 3)))
+def decode_cost(width: int, height: int, fmt: str = "PNG", scans: int = 1) -> int:
+    """The decode cost of a ``width``×``height`` image in pixel units: rows, line buffers, the format's
+    buffers and JPEG scans charged."""
+    scan_factor = 1 + SCAN_COST * max(0, scans - 3)
+    return int((width + ROW_COST) * (height + 2) * FORMAT_COST.get(fmt, 1) * scan_factor)
 
 
 def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[Image.Image, Header]:
@@ -215,7 +220,7 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[Imag
             f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}",
         )
     scans = _check_jpeg(data, w, h, limits) if img.format in ("JPEG", "MPO") else 1
-    return img, Header(str(img.format), w, h, decode_cost(w, h, scans))
+    return img, Header(str(img.format), w, h, decode_cost(w, h, str(img.format), scans))
 
 
 def inspect(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Header:

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Route
 
-from app.api import distance, errors, probes, robustness
+from app.api import distance, errors, openapi, probes, robustness
 from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
 from app.api.middleware import DrainMiddleware, MetricsMiddleware, RequestBodyMiddleware
 from app.config import Settings
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app; ``settings`` default to the environment (``RLPIPS_*``)."""
     settings = settings or Settings()
     store = settings.store()
-    default_model, _ = configured_models(settings, store)  # fail fast on unknown names
+    default_model, models = configured_models(settings, store)  # fail fast on unknown names
     app = FastAPI(
         title="R-LPIPS similarity service",
         version=_version(),
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.default_model = default_model
     app.state.telemetry = Telemetry()
     app.state.runtime = None
+    openapi.install(app, settings, models)
     routers = [m.router for m in (distance, robustness, probes)]
     for router in routers:
         app.include_router(router)

@@ -170,7 +170,9 @@ async def test_attack_jobs_past_their_deadline_never_take_a_step(weights_dir: Pa
 async def test_a_client_that_disconnects_has_its_work_dropped(
     weights_dir: Path, endpoint: str
 ) -> None:
-    s = settings(weights_dir, max_wait_ms=0, max_attack_steps=1000, deadline_s=60, attack_deadline_s=60)
+    s = settings(
+        weights_dir, max_wait_ms=0, max_attack_steps=1000, deadline_s=60, attack_deadline_s=60
+    )
     async with serve(s) as (client, app):
         rt = runtime(app)
         device = SlowDevice()
@@ -196,7 +198,14 @@ async def test_a_client_that_disconnects_has_its_work_dropped(
 
 
 async def test_full_queue_and_full_attack_slots_refuse_before_decoding(weights_dir: Path) -> None:
-    s = settings(weights_dir, queue_size=1, max_attack_jobs=1, max_wait_ms=0, deadline_s=30, attack_deadline_s=30)
+    s = settings(
+        weights_dir,
+        queue_size=1,
+        max_attack_jobs=1,
+        max_wait_ms=0,
+        deadline_s=30,
+        attack_deadline_s=30,
+    )
     async with serve(s) as (client, app):
         rt = runtime(app)
         gate = hold_device(rt)

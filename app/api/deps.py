@@ -39,7 +39,7 @@ ReadyRuntime = Annotated[Runtime, Depends(ready_runtime)]
 
 def loaded_model(rt: Runtime, name: str | None, field: str = "model") -> str:
     """``name`` (default: the default model) if it is loaded, else 422 naming ``field``."""
-    name = name or rt.default_model
+    name = rt.default_model if name is None else name
     if name not in rt.loaded:
         known = "known" if name in rt.store.names else "unknown"
         raise ApiError(

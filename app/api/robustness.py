@@ -40,7 +40,7 @@ FIELDS = (
 def _spec(rt: Runtime, o: RobustnessOptions) -> AttackSpec:
     """The effective attack, within the service's caps (422 naming the field otherwise)."""
     caps = rt.settings
-    if o.steps > caps.max_attack_steps:
+    if o.steps is not None and o.steps > caps.max_attack_steps:
         raise ApiError(
             "validation_error",
             f"steps {o.steps} is over the cap of {caps.max_attack_steps}",
@@ -54,7 +54,7 @@ def _spec(rt: Runtime, o: RobustnessOptions) -> AttackSpec:
             "epsilon",
         )
     try:
-        return o.spec().resolved()
+        return o.spec(caps.max_attack_steps).resolved()
     except ValueError as exc:
         raise ApiError("validation_error", str(exc)) from None
 
