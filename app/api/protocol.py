@@ -65,7 +65,6 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
-        self._header_bytes = 0
         self._stop_header_timer()
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
@@ -74,6 +73,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._stop_header_timer()
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        self._header_bytes = 0  # what comes next belongs to the next request
+        super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
         self._stop_header_timer()
