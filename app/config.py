@@ -65,8 +65,43 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(256, ge=1, description="admission queue bound, in pairs")
     deadline_s: float = Field(10.0, gt=0, description="per-request deadline")
+    attack_deadline_s: float = Field(
+        60.0, gt=0, description="per-request deadline of /robustness-check"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this (else 408, closed)"
+    )
+    body_idle_timeout_s: float = Field(
+        10.0, gt=0, description="longest pause between chunks of a request body (else 408)"
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="a whole request body must arrive within this (else 408)"
+    )
+    keepalive_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="an idle connection is closed after this (above the usual 60 s of load "
+        "balancers, so they never reuse a connection the service is closing)",
+    )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1, description="per-image decoded pixel limit")
+    max_request_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="decode cost of one request's images together, in pixel units (rows and JPEG "
+        "scans charged); over it 413 before decoding",
+    )
+    max_jpeg_scans: int = Field(64, ge=1, description="scans per JPEG (progressive scan bombs)")
+    decode_heavy_pixels: int = Field(
+        4_000_000,
+        ge=1,
+        description="images costing more decode one at a time on a low-priority thread",
+    )
+    decode_queue_pixels: int = Field(
+        200_000_000,
+        ge=1,
+        description="decode cost queued or running per lane (normal, heavy); beyond it 429",
+    )
     max_candidates: int = Field(32, ge=1)
     decode_threads: int = Field(0, ge=0, description="decode + resize threads; 0 = two per core")
     jpeg_draft: bool = Field(

@@ -14,10 +14,12 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import Route
 
-from app.api import distance, errors, probes, robustness
+from app.api import distance, errors, openapi, probes, robustness
 from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
-from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.api.middleware import DrainMiddleware, MetricsMiddleware, RequestBodyMiddleware
 from app.config import Settings
 from app.serving.runtime import Runtime, configured_models
 from app.telemetry import Telemetry
@@ -56,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app; ``settings`` default to the environment (``RLPIPS_*``)."""
     settings = settings or Settings()
     store = settings.store()
-    default_model, _ = configured_models(settings, store)  # fail fast on unknown names
+    default_model, models = configured_models(settings, store)  # fail fast on unknown names
     app = FastAPI(
         title="R-LPIPS similarity service",
         version=_version(),
@@ -68,15 +70,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.default_model = default_model
     app.state.telemetry = Telemetry()
     app.state.runtime = None
-    for module in (distance, robustness, probes):
-        app.include_router(module.router)
-    endpoints = {getattr(r, "path", "") for r in app.routes}
-    # Middleware, outermost last: metrics → API keys → catch-all 500 → body limit → routes.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    openapi.install(app, settings, models)
+    routers = [m.router for m in (distance, robustness, probes)]
+    for router in routers:
+        app.include_router(router)
+    paths = {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
+    paths |= {r.path for r in app.routes if isinstance(r, Route)}
+
+    def endpoint_of(path: str) -> str:
+        return path if path in paths else "other"
+
+    # Middleware, outermost last: metrics → drain → API keys → catch-all 500 → body → routes.
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_bytes=settings.max_body_bytes,
+        idle_s=settings.body_idle_timeout_s,
+        total_s=settings.body_timeout_s,
+    )
     errors.install(app)  # handlers + the catch-all 500 middleware (outside the body limit)
     open_paths = PROBE_PATHS if settings.open_probes else frozenset()
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, open_paths=open_paths)
-    app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry, endpoints=endpoints)
+    app.add_middleware(
+        DrainMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
+    app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry, endpoint_of=endpoint_of)
     if settings.api_keys:
         log.info("API keys required (%d configured)", len(settings.api_keys))
     return app

@@ -6,7 +6,7 @@ raw collapsed stacks) after a warm-up. Samples whose innermost frame is a wait (
 idle pool) are dropped. The remaining *busy* samples are grouped into stages by the frames they contain,
 first match wins:
 
-* ``decode``: inside ``Runtime.prepare`` (split into jpeg decode, resize, to tensor and hash);
+* ``decode``: inside ``Runtime._prepare`` (headers: ``Runtime._headers``) (split into jpeg decode, resize, to tensor and hash);
 * ``model``: inside the engine's trunk forward, normalisation and heads;
 * ``http/asyncio``: the event loop thread (uvicorn, FastAPI, multipart parsing, the batcher);
 * ``other``: everything else.
@@ -36,7 +36,7 @@ STAGES = (
     ("decode: resize", ("Image.resize",)),
     ("decode: to tensor", ("to_tensor",)),
     ("decode: content hash", ("content_key",)),
-    ("decode: other", ("Runtime.prepare",)),
+    ("decode: other", ("Runtime._prepare", "Runtime._headers")),
     ("model", ("_forward", "distance_from_features", "Engine.")),
 )
 

@@ -39,7 +39,7 @@ ReadyRuntime = Annotated[Runtime, Depends(ready_runtime)]
 
 def loaded_model(rt: Runtime, name: str | None, field: str = "model") -> str:
     """``name`` (default: the default model) if it is loaded, else 422 naming ``field``."""
-    name = name or rt.default_model
+    name = rt.default_model if name is None else name
     if name not in rt.loaded:
         known = "known" if name in rt.store.names else "unknown"
         raise ApiError(
@@ -51,10 +51,10 @@ def loaded_model(rt: Runtime, name: str | None, field: str = "model") -> str:
     return name
 
 
-def time_left(rt: Runtime, started: float) -> float:
-    """Seconds left of the request deadline, for a request that started at ``started``
+def time_left(started: float, deadline_s: float) -> float:
+    """Seconds left of a ``deadline_s`` deadline for a request that started at ``started``
     (``time.perf_counter()``)."""
-    return rt.settings.deadline_s - (time.perf_counter() - started)
+    return deadline_s - (time.perf_counter() - started)
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:

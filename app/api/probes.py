@@ -60,11 +60,13 @@ async def models(request: Request) -> ModelsResponse:
     return await asyncio.to_thread(describe_models, store, loaded, default)
 
 
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=Status, summary="liveness: 200 while the process runs")
 async def healthz() -> Status:
     return Status(status="ok")
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=Status,

@@ -40,7 +40,7 @@ FIELDS = (
 def _spec(rt: Runtime, o: RobustnessOptions) -> AttackSpec:
     """The effective attack, within the service's caps (422 naming the field otherwise)."""
     caps = rt.settings
-    if o.steps > caps.max_attack_steps:
+    if o.steps is not None and o.steps > caps.max_attack_steps:
         raise ApiError(
             "validation_error",
             f"steps {o.steps} is over the cap of {caps.max_attack_steps}",
@@ -54,7 +54,7 @@ def _spec(rt: Runtime, o: RobustnessOptions) -> AttackSpec:
             "epsilon",
         )
     try:
-        return o.spec().resolved()
+        return o.spec(caps.max_attack_steps).resolved()
     except ValueError as exc:
         raise ApiError("validation_error", str(exc)) from None
 
@@ -92,10 +92,11 @@ async def robustness_check(request: Request, rt: ReadyRuntime) -> RobustnessResp
     spec, thresholds = _spec(rt, opts), _thresholds(rt, opts)
     rt.check_attack()  # refuse before decoding when every attack slot is taken
     t_decode = time.perf_counter()
-    images = await rt.decode(body.images)
+    deadline_s = rt.settings.attack_deadline_s
+    images = await until_disconnect(request, rt.decode(body.images, time_left(started, deadline_s)))
     decode_s = time.perf_counter() - t_decode
     candidate = images[1] if len(images) > 1 else None
-    work = rt.attack(images[0], candidate, thresholds, spec, time_left(rt, started))
+    work = rt.attack(images[0], candidate, thresholds, spec, time_left(started, deadline_s))
     done = await until_disconnect(request, work)
     return RobustnessResponse(
         attack=AttackParams.of(spec),

@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from app.attacks.robustness import AttackSpec, ModelResult
+from app.attacks.robustness import DEFAULT_STEPS, AttackSpec, ModelResult
 from app.config import comma_list
 
 _PNG_1PX = (
@@ -16,8 +16,13 @@ _PNG_1PX = (
 )
 
 
+def _integral(value: object) -> object:
+    """JSON Schema counts ``3.0`` as an integer: accept integral floats for integer fields."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 #: A base64-encoded image (standard alphabet; a ``data:…;base64,`` prefix is accepted too).
-Base64Image = Annotated[str, Field(json_schema_extra={"format": "byte"})]
+Base64Image = Annotated[str, Field(min_length=1, json_schema_extra={"format": "byte"})]
 
 
 class ErrorDetail(BaseModel):
@@ -158,13 +163,15 @@ class RobustnessOptions(BaseModel):
     epsilon: float | None = Field(
         None, ge=0, le=1, allow_inf_nan=False, description="default: L∞ 4/255, L2 1.0"
     )
-    steps: int = Field(20, ge=1, description="PGD steps (capped by the service)")
+    steps: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = Field(
+        None, description="PGD steps; default 20 (or the service's cap when it is lower)"
+    )
     step_size: float | None = Field(
         None, gt=0, le=1, allow_inf_nan=False, description="default: 2.5·ε/steps"
     )
     goal: Literal["evade", "impersonate"] = "evade"
     random_start: bool = True
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Annotated[int, Field(ge=0, lt=2**63), BeforeValidator(_integral)] | None = None
     threshold: float | None = Field(None, ge=0, allow_inf_nan=False)
     return_adversarial: bool = False
 
@@ -177,12 +184,13 @@ class RobustnessOptions(BaseModel):
             return comma_list(items)
         return value
 
-    def spec(self) -> AttackSpec:
-        """The requested attack (defaults still open: see :meth:`AttackSpec.resolved`)."""
+    def spec(self, max_steps: int) -> AttackSpec:
+        """The requested attack (defaults still open: see :meth:`AttackSpec.resolved`); the default
+        number of steps is held to ``max_steps``."""
         return AttackSpec(
             self.attack,
             self.epsilon,
-            self.steps,
+            min(DEFAULT_STEPS, max_steps) if self.steps is None else self.steps,
             self.step_size,
             self.goal,
             self.random_start,

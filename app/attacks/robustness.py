@@ -39,6 +39,8 @@ from app.metric.trunks import Trunk
 Goal = Literal["evade", "impersonate"]
 GOALS: tuple[Goal, ...] = get_args(Goal)
 
+#: PGD steps of a check when the caller names none.
+DEFAULT_STEPS = 20
 #: Default ε per norm in [0, 1] pixel units: L∞ 4/255 (the paper's 8/255 on [-1, 1] images), L2 1.0.
 DEFAULT_EPSILON: dict[Norm, float] = {"linf": 4 / 255, "l2": 1.0}
 
@@ -59,7 +61,7 @@ class AttackSpec:
 
     norm: Norm = "linf"
     epsilon: float | None = None
-    steps: int = 20
+    steps: int = DEFAULT_STEPS
     step_size: float | None = None
     goal: Goal = "evade"
     random_start: bool = True
@@ -72,8 +74,8 @@ class AttackSpec:
             raise ValueError(f"attack must be one of {', '.join(NORMS)}, got {self.norm!r}")
         eps = DEFAULT_EPSILON[self.norm] if self.epsilon is None else self.epsilon
         step = self.step_size
-        if step is None:
-            step = default_step_size(self.norm, eps, max(self.steps, 1))
+        if step is None:  # with ε (about) 0 any step is projected away: take one pixel level
+            step = default_step_size(self.norm, eps, max(self.steps, 1)) or 1 / 255
         seed = secrets.randbits(63) if self.seed is None else self.seed
         check_params(self.norm, eps, self.steps, step)
         return AttackSpec(self.norm, eps, self.steps, step, self.goal, self.random_start, seed)

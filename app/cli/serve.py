@@ -3,15 +3,21 @@
 On the first SIGTERM (or SIGINT) the runtime starts draining at once: ``/readyz`` answers 503 and new
 work gets 503 ``draining``, while requests already taken go on. The listener stays open for ``drain_s``
 so that load balancers see the failing probe and stop routing here, then uvicorn's own graceful
-shutdown runs: it stops listening, waits for in-flight requests (what is left of ``grace_s``), and the
-app's lifespan finishes any queued device work. A watchdog ends the process if all of this has not
-finished ``grace_s`` after the signal. A second signal skips the rest of the drain period.
+shutdown runs: it stops listening and waits for in-flight requests until ``STOP_MARGIN_S`` before the
+end of ``grace_s``, cancels those still running, and the app's lifespan stops the runtime in that
+margin. A watchdog ends the process (status 3) if all of this has not finished ``grace_s`` after the
+signal. A second signal skips the rest of the drain period.
+
+Connections are served by :class:`~app.api.protocol.GuardedProtocol` (header timeout and size, idle
+connections closed, JSON bodies for HTTP-level errors); the access log never shows query strings (a
+client may put a secret there).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import threading
@@ -21,6 +27,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from app.api.protocol import guarded_protocol
 from app.config import Settings
 from app.main import create_app
 from app.serving.runtime import Runtime
@@ -29,6 +36,20 @@ log = logging.getLogger(__name__)
 
 #: Exit status when the grace period ran out before a clean shutdown.
 EXIT_GRACE_EXCEEDED = 3
+#: Seconds of the grace period kept for stopping the runtime after in-flight requests are cancelled.
+STOP_MARGIN_S = 5.0
+#: Request headers larger than this are refused (431).
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class RedactQuery(logging.Filter):
+    """Drops the query string from uvicorn's access-log lines (``args[2]`` is the path)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
 
 
 class DrainingServer(uvicorn.Server):
@@ -84,13 +105,17 @@ def _start_watchdog(grace_s: float) -> None:
 def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
     """Serve one app on ``host:port`` until a signal; returns after the graceful shutdown."""
     app = create_app(settings)
+    in_flight_s = settings.grace_s - settings.drain_s - STOP_MARGIN_S
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=max(1, int(settings.grace_s - settings.drain_s)),
+        http=guarded_protocol(settings.header_timeout_s, MAX_HEADER_BYTES),
+        timeout_keep_alive=max(1, math.ceil(settings.keepalive_timeout_s)),
+        timeout_graceful_shutdown=max(1, int(in_flight_s)),
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactQuery())
     DrainingServer(config, app, settings.drain_s, settings.grace_s).run()
 
 
@@ -115,7 +140,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
-        timeout_graceful_shutdown=max(1, int(settings.grace_s)),
+        timeout_graceful_shutdown=max(1, int(settings.grace_s - STOP_MARGIN_S)),
+        http=guarded_protocol(settings.header_timeout_s, MAX_HEADER_BYTES),
+        timeout_keep_alive=max(1, math.ceil(settings.keepalive_timeout_s)),
     )
     return 0
 

@@ -15,17 +15,27 @@ import math
 import os
 import time
 from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TypeVar
 
 import torch
 
 from app.attacks.robustness import AttackSpec, ModelResult, RobustnessJob, Target
 from app.config import Settings, pick_device, resolve_precision
-from app.imaging import DecodeLimits, ImageError, load_tensor, to_unit
+from app.imaging import (
+    DecodeLimits,
+    Header,
+    ImageError,
+    ImageTooLarge,
+    inspect,
+    load_tensor,
+    to_unit,
+)
 from app.metric.engine import Answer, Engine, FeatureCache, Image, Query, content_key
 from app.metric.store import BASELINE_MODEL, ModelStore
 from app.serving.batching import Completed, MicroBatcher
+from app.serving.decoding import DecodeScheduler
+from app.serving.errors import DeadlineExceeded, Overloaded
 from app.serving.worker import DeviceWorker, JobRunner
 from app.telemetry import Telemetry
 
@@ -34,6 +44,8 @@ R = TypeVar("R")
 
 #: Seconds between readiness probes of a failing device.
 PROBE_EVERY_S = 5.0
+#: Longest wait for the batcher and for the device worker each when stopping.
+STOP_WAIT_S = 2.0
 
 
 def configured_models(settings: Settings, store: ModelStore) -> tuple[str, list[str]]:
@@ -102,7 +114,9 @@ class Runtime:
         self.default_model, self.models = configured_models(settings, store)
         self.device = pick_device(settings.device)
         self.resolution = settings.resolution
-        self.limits = DecodeLimits(max_pixels=settings.max_pixels)
+        self.limits = DecodeLimits(
+            max_pixels=settings.max_pixels, max_scans=settings.max_jpeg_scans
+        )
         cache = FeatureCache(settings.cache_entries, settings.cache_bytes)
         self.streams, self.torch_threads = cpu_threads(settings, self.device)
         self.engine = Engine(
@@ -131,7 +145,9 @@ class Runtime:
             max_failures=settings.max_batch_failures,
         )
         self.jobs = JobRunner(self.worker, settings.max_attack_jobs, telemetry)
-        self.decode_pool = ThreadPoolExecutor(decode_threads(settings), "rlpips-decode")
+        self.decoder = DecodeScheduler(
+            decode_threads(settings), settings.decode_heavy_pixels, settings.decode_queue_pixels
+        )
         self.started = False
         self.draining = False
         self._probed_at = -math.inf
@@ -167,12 +183,31 @@ class Runtime:
         """Raise what :meth:`attack` would raise at admission now (call before decoding)."""
         self.jobs.check_admission()
 
-    async def decode(self, inputs: Sequence[tuple[str, bytes]]) -> list[Image]:
-        """Decode + resize every ``(name, bytes)`` concurrently in the decode pool, to
-        ``[3, R, R]`` in ``[-1, 1]``; an :class:`ImageError` names the input it came from."""
-        loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self.decode_pool, self._prepare, d) for _, d in inputs]
-        results = await asyncio.gather(*futures, return_exceptions=True)
+    async def decode(self, inputs: Sequence[tuple[str, bytes]], timeout_s: float) -> list[Image]:
+        """Decode + resize every ``(name, bytes)`` to ``[3, R, R]`` in ``[-1, 1]``, within ``timeout_s``.
+
+        First every header is read and checked (an :class:`ImageError` names its input), the request's
+        decode cost is held to ``max_request_pixels`` (:class:`ImageTooLarge`) and admitted to the
+        decode lanes (:class:`Overloaded` when they are full); then the images decode concurrently.
+        Past the deadline :class:`DeadlineExceeded` (work already running finishes in its thread,
+        bounded by its cost)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                headers = await self.decoder.run(partial(self._headers, inputs), 0)
+                self._check_cost(inputs, headers)
+                try:
+                    self.decoder.admit([h.cost for h in headers])
+                except Overloaded:
+                    self.telemetry.rejected("decode_full")
+                    raise
+                runs = [
+                    self.decoder.run(partial(self._prepare, d), h.cost)
+                    for (_, d), h in zip(inputs, headers, strict=True)
+                ]
+                results = await asyncio.gather(*runs, return_exceptions=True)
+        except TimeoutError:
+            self.telemetry.rejected("deadline")
+            raise DeadlineExceeded("the request ran past its deadline while decoding") from None
         images: list[Image] = []
         for (name, _), r in zip(inputs, results, strict=True):
             if isinstance(r, ImageError):
@@ -181,6 +216,30 @@ class Runtime:
                 raise r
             images.append(r)
         return images
+
+    def _headers(self, inputs: Sequence[tuple[str, bytes]]) -> list[Header]:
+        """Every input's checked header (decode pool); an error names its input."""
+        headers = []
+        for name, data in inputs:
+            try:
+                headers.append(inspect(data, self.limits))
+            except ImageError as exc:
+                raise exc.at(name) from None
+        return headers
+
+    def _check_cost(self, inputs: Sequence[tuple[str, bytes]], headers: list[Header]) -> None:
+        """:class:`ImageTooLarge`, naming the image that crosses it, when the request's decode cost is
+        over ``max_request_pixels``."""
+        limit, total = self.settings.max_request_pixels, 0
+        for (name, _), h in zip(inputs, headers, strict=True):
+            total += h.cost
+            if total > limit:
+                raise ImageTooLarge(
+                    f"decoding this request's images would cost {sum(x.cost for x in headers)} "
+                    f"pixel units ({h.width}x{h.height} {h.format} here), over the limit of "
+                    f"{limit} per request",
+                    name,
+                )
 
     async def distance(self, query: Query, timeout_s: float) -> Completed[Answer]:
         """Score ``query`` in a micro-batch on the device (admission, deadline and cancellation as in
@@ -202,8 +261,8 @@ class Runtime:
         return await self.jobs.run(job, timeout_s)
 
     async def run_cpu(self, fn: Callable[[], R]) -> R:
-        """Run ``fn`` (CPU work such as PNG encoding) in the decode pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn)
+        """Run ``fn`` (small CPU work such as PNG encoding) on the decode pool's normal lane."""
+        return await self.decoder.run(fn, 0)
 
     def probe(self) -> None:
         """While failing: send one tiny pair through the batcher (at most every ``PROBE_EVERY_S``), so
@@ -218,7 +277,7 @@ class Runtime:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _prepare(self, data: bytes) -> Image:
-        """Decode + resize one image to the working resolution (runs in the decode pool)."""
+        """Decode + resize one image to the working resolution (runs on a decode lane)."""
         t0 = time.perf_counter()
         tensor = load_tensor(data, self.resolution, self.limits, self.settings.jpeg_draft)
         image = Image(tensor, content_key(data))
@@ -271,10 +330,12 @@ class Runtime:
         self.started = True
 
     async def stop(self) -> None:
-        """Refuse new work, finish queued work (bounded by the request deadline), stop the threads."""
+        """Refuse new work, finish queued work, stop the threads; each wait is bounded by
+        ``STOP_WAIT_S`` (in a served app no request is left by then: see :mod:`app.cli.serve`)."""
         self.draining = True
         self.jobs.close()
-        await self.batcher.close(timeout_s=self.settings.deadline_s)
-        await asyncio.to_thread(self.worker.stop, self.settings.deadline_s)
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        wait_s = min(self.settings.deadline_s, STOP_WAIT_S)
+        await self.batcher.close(timeout_s=wait_s)
+        await asyncio.to_thread(self.worker.stop, wait_s)
+        self.decoder.shutdown()
         torch.set_num_threads(self._threads_before)  # process-global: leave it as it was

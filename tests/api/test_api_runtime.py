@@ -145,8 +145,8 @@ def test_jpeg_draft_setting_reaches_decoding(tiny_store: Path) -> None:
         s = tiny_settings(tiny_store, **({"jpeg_draft": True} if draft else {}))
         rt = Runtime(s, s.store(), Telemetry())
         try:
-            got = asyncio.run(rt.decode([("image", data)]))[0].tensor
+            got = asyncio.run(rt.decode([("image", data)], 30))[0].tensor
         finally:
-            rt.decode_pool.shutdown()
+            rt.decoder.shutdown()
         assert torch.equal(got, load_tensor(data, 64, draft=draft))
     assert not torch.equal(load_tensor(data, 64, draft=True), load_tensor(data, 64))

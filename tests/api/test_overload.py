@@ -150,7 +150,7 @@ async def test_deadline_during_inference_answers_at_the_deadline(tiny_store: Pat
 
 
 async def test_attack_jobs_past_their_deadline_never_take_a_step(tiny_store: Path) -> None:
-    s = tiny_settings(tiny_store, deadline_s=0.5)
+    s = tiny_settings(tiny_store, attack_deadline_s=0.5)
     async with serve(s) as (client, app):
         rt = runtime(app)
         gate = hold_device(rt)
@@ -171,7 +171,9 @@ async def test_attack_jobs_past_their_deadline_never_take_a_step(tiny_store: Pat
 async def test_a_client_that_disconnects_has_its_work_dropped(
     tiny_store: Path, endpoint: str
 ) -> None:
-    s = tiny_settings(tiny_store, max_wait_ms=0, max_attack_steps=1000, deadline_s=60)
+    s = tiny_settings(
+        tiny_store, max_wait_ms=0, max_attack_steps=1000, deadline_s=60, attack_deadline_s=60
+    )
     async with serve(s) as (client, app):
         rt = runtime(app)
         device = SlowDevice()
@@ -197,7 +199,14 @@ async def test_a_client_that_disconnects_has_its_work_dropped(
 
 
 async def test_full_queue_and_full_attack_slots_refuse_before_decoding(tiny_store: Path) -> None:
-    s = tiny_settings(tiny_store, queue_size=1, max_attack_jobs=1, max_wait_ms=0, deadline_s=30)
+    s = tiny_settings(
+        tiny_store,
+        queue_size=1,
+        max_attack_jobs=1,
+        max_wait_ms=0,
+        deadline_s=30,
+        attack_deadline_s=30,
+    )
     async with serve(s) as (client, app):
         rt = runtime(app)
         gate = hold_device(rt)

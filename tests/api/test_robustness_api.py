@@ -104,7 +104,7 @@ async def test_bad_parameters_are_422_naming_the_field(
 
 async def test_distance_completes_while_a_long_attack_runs(tiny_store: Path) -> None:
     ref, cand = jpegs(2)
-    s = tiny_settings(tiny_store, resolution=128, deadline_s=120, max_attack_steps=400)
+    s = tiny_settings(tiny_store, resolution=128, attack_deadline_s=120, max_attack_steps=400)
     async with serve(s) as (client, _):
         attack = asyncio.create_task(
             client.post("/robustness-check", json={"reference": b64(ref), "steps": 400})
@@ -121,7 +121,7 @@ async def test_distance_completes_while_a_long_attack_runs(tiny_store: Path) -> 
 async def test_attack_jobs_over_the_cap_get_429(tiny_store: Path) -> None:
     ref = jpegs(1)[0]
     s = tiny_settings(
-        tiny_store, resolution=128, max_attack_jobs=1, max_attack_steps=300, deadline_s=120
+        tiny_store, resolution=128, max_attack_jobs=1, max_attack_steps=300, attack_deadline_s=120
     )
     async with serve(s) as (client, _):
         first = asyncio.create_task(
@@ -138,7 +138,7 @@ async def test_attack_jobs_over_the_cap_get_429(tiny_store: Path) -> None:
 
 
 async def test_deadline_applies_to_attacks(tiny_store: Path) -> None:
-    s = tiny_settings(tiny_store, resolution=128, deadline_s=0.5, max_attack_steps=500)
+    s = tiny_settings(tiny_store, resolution=128, attack_deadline_s=0.5, max_attack_steps=500)
     async with serve(s) as (client, _):
         r = await client.post(
             "/robustness-check", json={"reference": b64(jpegs(1)[0]), "steps": 500}

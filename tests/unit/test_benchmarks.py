@@ -126,9 +126,9 @@ def test_profile_breakdown_groups_busy_samples_by_stage() -> None:
     raw = "\n".join(
         [
             "thread (0x1): MainThread;run (uvicorn);parse (multipart) 30",
-            "thread (0x2): rlpips-decode_0;_worker (concurrent/futures/thread.py:83);"
-            "Runtime.prepare (app/service.py:240);ImageFile.load (PIL/ImageFile.py:300) 40",
-            "thread (0x2): rlpips-decode_0;Runtime.prepare (app/service.py:240);"
+            "thread (0x2): rlpips-decode-normal_0;_worker (concurrent/futures/thread.py:83);"
+            "Runtime._prepare (app/serving/runtime.py:240);ImageFile.load (PIL/ImageFile.py:300) 40",
+            "thread (0x2): rlpips-decode-normal_0;Runtime._prepare (app/serving/runtime.py:240);"
             "Image.resize (PIL/Image.py:2200) 20",
             "thread (0x3): rlpips-stream_0;_forward (app/engine.py:400);conv (torch) 10",
             "thread (0x4): rlpips-decode_1;_worker (concurrent/futures/thread.py:83);"
