@@ -17,8 +17,8 @@ from tests.support import ROOT
 DOCKERFILE = ROOT / "Dockerfile"
 
 
-def stages() -> dict[str, list[str]]:
-    """Dockerfile instructions (continuation lines joined) per ``FROM … AS name`` stage."""
+def own_stages() -> dict[str, list[str]]:
+    """Dockerfile instructions (continuation lines joined) per ``FROM … AS name`` stage, its own only."""
     text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
     out: dict[str, list[str]] = {}
     current = None
@@ -33,6 +33,17 @@ def stages() -> dict[str, list[str]]:
         elif current is not None:
             out[current].append(line)
     return out
+
+
+def stages() -> dict[str, list[str]]:
+    """Every stage's instructions including those it inherits (``FROM <stage>``), ancestors first."""
+    own = own_stages()
+
+    def chain(name: str) -> list[str]:
+        parent = own[name][0].split()[1]
+        return (chain(parent) if parent in own else []) + own[name]
+
+    return {name: chain(name) for name in own}
 
 
 def test_hadolint_passes() -> None:
@@ -61,14 +72,29 @@ def test_each_image_is_a_served_non_root_service(stage: str) -> None:
     assert "rlpips store pull" in text
 
 
-def test_gpu_image_is_cuda_runtime_and_the_default_target() -> None:
+def test_gpu_image_carries_cuda_once_and_is_the_default_target() -> None:
+    """CUDA comes only with torch's CUDA wheels (no CUDA base image under them: one copy of CUDA)."""
     st = stages()
     assert list(st)[-1] == "gpu"  # `docker build .` builds the GPU image
-    text = DOCKERFILE.read_text()
-    cuda = re.search(r"ARG CUDA_IMAGE=(\S+)", text)
-    assert cuda and cuda.group(1).startswith("nvidia/cuda:") and "runtime" in cuda.group(1)
-    assert "RLPIPS_DEVICE=cuda" in "\n".join(st["gpu"])
+    gpu = "\n".join(st["gpu"])
+    assert re.search(r"ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+", gpu)
+    assert "nvidia/cuda" not in DOCKERFILE.read_text()
+    assert "RLPIPS_DEVICE=cuda" in gpu
     assert "RLPIPS_DEVICE=cpu" in "\n".join(st["cpu"])
+
+
+@pytest.mark.parametrize("stage", ["cpu", "gpu"])
+def test_dependencies_come_before_the_code(stage: str) -> None:
+    """One shared base stage, and every dependency installed before the code is copied, so a code
+    change rebuilds only the last layers (never torch)."""
+    lines = stages()[stage]
+    assert lines[0].startswith("FROM ${PYTHON_IMAGE} AS base")
+    torch_at = next(i for i, ln in enumerate(lines) if "torch==" in ln)
+    deps_at = next(i for i, ln in enumerate(lines) if "-r /tmp/requirements.txt" in ln)
+    code_at = next(i for i, ln in enumerate(lines) if ln.startswith("COPY app"))
+    assert torch_at <= deps_at < code_at
+    install = next(ln for ln in lines if "pip install" in ln and " . " in f"{ln} ")
+    assert "--no-deps" in install
 
 
 def test_torch_pins_match_pyproject() -> None:
