@@ -358,7 +358,7 @@ ROBUSTNESS_BODY: dict[str, Any] = {
                         "step_size": _form_field("number", exclusiveMinimum=0, maximum=1),
                         "goal": _form_field("string", enum=["evade", "impersonate"]),
                         "random_start": _form_field("boolean"),
-                        "seed": _form_field("integer", minimum=0),
+                        "seed": _form_field("integer", minimum=0, exclusiveMaximum=2**63),
                         "threshold": _form_field("number", minimum=0),
                         "return_adversarial": _form_field("boolean"),
                     },

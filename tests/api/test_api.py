@@ -190,7 +190,7 @@ async def test_request_shape_errors(api: Client, imgs: list[bytes]) -> None:
         "candidate",
     )
     error_of(
-        await client.post("/distance", json={"reference": "", "candidates": []}),
+        await client.post("/distance", json={"reference": "AA==", "candidates": []}),
         422,
         "validation_error",
         "candidates",

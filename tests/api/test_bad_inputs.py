@@ -115,7 +115,10 @@ CASES: list[Case] = [
     *(Case(f"{k}-candidate-multipart", D, mp(GOOD, GOOD, v), 400, "invalid_image", "candidate[1]")
       for k, v in (NOT_IMAGES | BROKEN).items()),
     *(Case(f"{k}-reference-json", D, js({"reference": b64(v), "candidates": [b64(GOOD)]}), 400,
-           "invalid_image", "reference") for k, v in (NOT_IMAGES | BROKEN).items()),
+           "invalid_image", "reference") for k, v in (NOT_IMAGES | BROKEN).items() if v),
+    # an empty base64 string is outside the schema (minLength 1), so a validation error
+    Case("zero-byte-reference-json", D, js({"reference": "", "candidates": [b64(GOOD)]}), 422,
+         "validation_error", "reference"),
     *(Case(f"{k}-robustness-multipart", R, mp(v, data={"steps": "1"}), 400, "invalid_image",
            "reference") for k, v in NOT_IMAGES.items()),
     *(Case(f"{k}-robustness-json", R, js({"reference": b64(GOOD), "candidate": b64(v)}), 400,
