@@ -9,7 +9,7 @@ endif
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test lint fmt serve bench clean
+.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -39,6 +39,15 @@ bench: venv
 	$(PY) -m benchmarks.run --resolution 64 --concurrency 1,8,32 --duration 10 --warmup 3 --repeats 3 --torch-threads 1 --json docs/benchmarks/cpu-64.json
 	$(PY) -m benchmarks.run --resolution 256 --concurrency 1,8,32 --duration 10 --warmup 3 --repeats 3 --torch-threads 1 --json docs/benchmarks/cpu-256.json
 	$(PY) -m benchmarks.plot docs/benchmarks/cpu-64.json docs/benchmarks/cpu-256.json --out docs/benchmarks/throughput.png
+
+# The device check (issue 15): make gpu-bundle here (wheels for the device's Python 3.12, weights, golden
+# pairs, sample images into .gpu/), then on the bare GPU machine: make gpu-check OUT=/path/to/results
+gpu-bundle: venv
+	$(PY) -m benchmarks.gpu_check bundle --dest .gpu
+
+OUT ?= gpu-results
+gpu-check:
+	python3 -m benchmarks.gpu_check run --bundle .gpu --out $(OUT)
 
 clean:
 	rm -rf .venv .mypy_cache .pytest_cache .ruff_cache

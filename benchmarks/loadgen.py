@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-IMAGENET = Path(__file__).resolve().parents[2] / "shared" / "images" / "imagenet-sample"
+#: ``../shared`` beside the repository, or ``RLPIPS_SHARED_DIR`` (the bundle ``make gpu-check`` carries).
+SHARED = Path(os.environ.get("RLPIPS_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
+IMAGENET = SHARED / "images" / "imagenet-sample"
 
 
 @dataclass(frozen=True)
