@@ -23,10 +23,12 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def pick_device(name: Device | str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
+    """``auto`` → CUDA when available, else CPU; otherwise the named device. A CUDA device always has
+    an index (``cuda:0`` for ``cuda``: ``torch.cuda.set_device`` refuses one without)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    return torch.device("cuda", 0) if device.type == "cuda" and device.index is None else device
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
