@@ -134,7 +134,7 @@ def machine() -> dict[str, Any]:
 
 def gpu_tests(env: dict[str, str], dry: bool, out: Path) -> dict[str, Any]:
     """``pytest -m gpu`` (a dry run only collects them: they fail without CUDA by design)."""
-    files = ["tests/unit/test_attacks.py", "tests/unit/test_precision.py"]  # where the gpu tests are
+    files = ["tests/unit/test_attacks.py", "tests/unit/test_precision.py"]  # the gpu tests' files
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files]
     cmd += ["--collect-only"] if dry else [f"--junitxml={out / 'gpu-tests.xml'}"]
     t0 = time.perf_counter()
