@@ -44,11 +44,13 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
     return DTYPES[precision]
 
 
-def comma_list(values: str | Iterable[str] | None) -> list[str]:
-    """``"a, b"``, ``["a,b", "c"]`` → ``["a", "b", "c"]``: split on commas, stripped, empty parts and
-    repeats dropped, order kept (model lists, API keys)."""
+def comma_list(values: str | Iterable[str] | None, keep_empty: bool = False) -> list[str]:
+    """``"a, b"``, ``["a,b", "c"]`` → ``["a", "b", "c"]``: split on commas, stripped, repeats dropped,
+    order kept (model lists, API keys). Empty parts are dropped, or kept with ``keep_empty`` (an API
+    request naming an empty model is an error, not a default)."""
     items = [values] if isinstance(values, str) else list(values or [])
-    return list(dict.fromkeys(p.strip() for v in items for p in v.split(",") if p.strip()))
+    parts = (p.strip() for v in items for p in v.split(","))
+    return list(dict.fromkeys(p for p in parts if p or keep_empty))
 
 
 class Settings(BaseSettings):

@@ -178,10 +178,11 @@ class RobustnessOptions(BaseModel):
     @field_validator("models", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
-        """Accept a comma-separated string, or a list of such strings (repeated multipart field)."""
+        """Accept a comma-separated string, or a list of such strings (repeated multipart field).
+        Empty names are kept (and refused as unknown models), repeats dropped."""
         items = [value] if isinstance(value, str) else value
         if isinstance(items, list) and all(isinstance(v, str) for v in items):
-            return comma_list(items)
+            return comma_list(items, keep_empty=True)
         return value
 
     def spec(self, max_steps: int) -> AttackSpec:

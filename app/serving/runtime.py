@@ -75,10 +75,9 @@ def cpu_threads(settings: Settings, device: torch.device) -> tuple[int, int]:
     On CUDA one intra-op thread: with torch's default (one per core) every decode thread's small tensor
     work started a full OpenMP pool, and the H200 machine served 100-160 pairs/s (docs/BENCHMARKS.md).
     """
-    if (
-        device.type != "cpu"
-    ):  # the device does the maths; the CPU's tensor work is small and runs on
-        return 1, settings.torch_threads or 1  # many decode threads: no intra-op pools to contend
+    if device.type != "cpu":
+        # the device does the maths; the CPU's tensor work is small, on many decode threads
+        return 1, settings.torch_threads or 1
     streams = settings.cpu_streams or len(os.sched_getaffinity(0))
     return streams, settings.torch_threads or (1 if streams > 1 else 0)
 

@@ -214,6 +214,8 @@ CASES: list[Case] = [
          "validation_error", "model", "no-such-model"),
     Case("unknown-model-robustness", R, js({"reference": b64(GOOD), "models": ["nope"]}), 422,
          "validation_error", "models", "nope"),
+    Case("empty-model-name-robustness", R, js({"reference": b64(GOOD), "models": [""]}), 422,
+         "validation_error", "models"),
     Case("unknown-attack", R, js({"reference": b64(GOOD), "attack": "l1"}), 422,
          "validation_error", "attack"),
     Case("unknown-goal", R, mp(GOOD, data={"goal": "destroy"}), 422, "validation_error", "goal"),
