@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
@@ -69,13 +70,14 @@ class DecodeScheduler:
         """Cost admitted on ``lane`` and not yet finished."""
         return self._lanes[lane].queued
 
-    def admit(self, costs: Sequence[int]) -> None:
-        """Reserve ``costs`` (one request's items) on their lanes, all or nothing; raise
-        :class:`Overloaded` when a lane would go over its bound. Each reservation is released by the
-        :meth:`run` of that item."""
+    def submit(self, jobs: Sequence[tuple[Callable[[], R], int]]) -> list[cf.Future[R]]:
+        """Admit ``(fn, cost)`` jobs (one request's), all or nothing — :class:`Overloaded` when a lane
+        would go over its bound — and queue each on its lane at once. A job's cost is released when its
+        future ends or is cancelled before it ran (admission and queueing have no await between them,
+        so no admitted cost can be lost to a cancellation)."""
         need: dict[LaneName, int] = {"normal": 0, "heavy": 0}
-        for c in costs:
-            need[self.lane_of(c)] += c
+        for _, cost in jobs:
+            need[self.lane_of(cost)] += cost
         with self._lock:
             for name, extra in need.items():
                 lane = self._lanes[name]
@@ -88,29 +90,35 @@ class DecodeScheduler:
                     )
             for name, extra in need.items():
                 self._lanes[name].queued += extra
+        return [self._queue(fn, cost) for fn, cost in jobs]
 
-    def _release(self, lane: _Lane, cost: int) -> None:
-        with self._lock:
-            lane.queued -= cost
-
-    async def run(self, fn: Callable[[], R], cost: int) -> R:
-        """Run ``fn`` on the lane of ``cost`` (admitted before with :meth:`admit`); ``cost`` 0 runs
-        unadmitted on the normal lane (cheap work such as reading headers)."""
+    def _queue(self, fn: Callable[[], R], cost: int) -> cf.Future[R]:
         lane = self._lanes[self.lane_of(cost)]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+
+        def timed() -> R:
+            started = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                seconds = max(time.perf_counter() - started, 1e-3)
+                self._cost_per_second = 0.9 * self._cost_per_second + 0.1 * cost / seconds
+
         try:
-            future = lane.pool.submit(fn)
+            future = lane.pool.submit(timed if cost else fn)
         except RuntimeError:  # shut down
             self._release(lane, cost)
             raise
         if cost:
             future.add_done_callback(lambda _f: self._release(lane, cost))
-        result = await asyncio.wrap_future(future)
-        if cost:
-            seconds = max(loop.time() - started, 1e-3)
-            self._cost_per_second = 0.9 * self._cost_per_second + 0.1 * cost / seconds
-        return result
+        return future
+
+    def _release(self, lane: _Lane, cost: int) -> None:
+        with self._lock:
+            lane.queued -= cost
+
+    async def run(self, fn: Callable[[], R]) -> R:
+        """Run cheap, unadmitted work (reading headers, encoding PNGs) on the normal lane."""
+        return await asyncio.wrap_future(self._queue(fn, 0))
 
     def shutdown(self) -> None:
         """Cancel queued work (running items finish in their threads)."""

@@ -196,18 +196,19 @@ class Runtime:
         bounded by its cost)."""
         try:
             async with asyncio.timeout(timeout_s):
-                headers = await self.decoder.run(partial(self._headers, inputs), 0)
+                headers = await self.decoder.run(partial(self._headers, inputs))
                 self._check_cost(inputs, headers)
+                jobs = [
+                    (partial(self._prepare, d), h.cost)
+                    for (_, d), h in zip(inputs, headers, strict=True)
+                ]
                 try:
-                    self.decoder.admit([h.cost for h in headers])
+                    futures = self.decoder.submit(jobs)
                 except Overloaded:
                     self.telemetry.rejected("decode_full")
                     raise
-                runs = [
-                    self.decoder.run(partial(self._prepare, d), h.cost)
-                    for (_, d), h in zip(inputs, headers, strict=True)
-                ]
-                results = await asyncio.gather(*runs, return_exceptions=True)
+                waits = [asyncio.wrap_future(f) for f in futures]
+                results = await asyncio.gather(*waits, return_exceptions=True)
         except TimeoutError:
             self.telemetry.rejected("deadline")
             raise DeadlineExceeded("the request ran past its deadline while decoding") from None
@@ -265,7 +266,7 @@ class Runtime:
 
     async def run_cpu(self, fn: Callable[[], R]) -> R:
         """Run ``fn`` (small CPU work such as PNG encoding) on the decode pool's normal lane."""
-        return await self.decoder.run(fn, 0)
+        return await self.decoder.run(fn)
 
     def probe(self) -> None:
         """While failing: send one tiny pair through the batcher (at most every ``PROBE_EVERY_S``), so
