@@ -388,6 +388,9 @@ def test_too_many_files_reach_urllib_as_422(server: Server) -> None:
 def test_api_keys_are_not_taken_from_the_query(server: Server) -> None:
     r = httpx.get(f"{server.url}/models?api_key={KEY}&key={KEY}", timeout=10)
     assert r.status_code == 401  # and the module fixture checks the key never reached the log
+    # refused in middleware, still counted under its endpoint (not "other")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "rlpips_requests_total", endpoint="/models", status="401") >= 1
 
 
 # -- disconnects -----------------------------------------------------------------------------------
