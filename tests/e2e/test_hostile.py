@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from PIL import Image
 from tests.support import badinputs as bad
 from tests.support import hostile as h
 from tests.support.apiutil import metric
-from tests.support.serverutil import Server, launch, wait_ready
+from tests.support.serverutil import Server, free_port, launch, wait_ready
 
 KEY = "hostile-test-key-7Qx"
 AUTH = {"X-API-Key": KEY}
@@ -443,3 +444,74 @@ def test_draining_answers_reach_clients_that_send_everything_first(
         srv.proc.send_signal(signal.SIGTERM)  # a second signal ends the drain period
         assert srv.proc.wait(60) == 0
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+# -- behind nginx with its default proxy settings ---------------------------------------------------
+
+
+def _nginx_binary() -> str:
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
+    )
+    if found is None:
+        message = "nginx is not installed (Debian package nginx; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture(scope="module")
+def nginx(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """nginx in front of the server with its default proxy settings (HTTP/1.0 and ``Connection: close``
+    towards the upstream, request buffering on); only the body size limit is raised above 1 MB."""
+    binary = _nginx_binary()
+    tmp = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    upstream = server.url.removeprefix("http://")
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        # as root nginx's workers would drop to nobody, who cannot write into pytest's private tmp
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"worker_processes 1;\ndaemon off;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\n"
+        "events {}\nhttp {\n"
+        f"  access_log off;\n  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n"
+        f"  client_max_body_size 64m;\n"
+        f"  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://{upstream}; }} }}\n"
+        "}\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("early", sorted(EARLY))
+def test_early_errors_reach_clients_through_nginx(nginx: str, early: str) -> None:
+    """With default proxy settings nginx sends the whole body and then reads; an upstream that answered
+    early and closed would have reset it (a 502). The drained body gives the client the JSON answer."""
+    kind, with_key, status, code = EARLY[early]
+    headers = {"Content-Type": kind, **(AUTH if with_key else {})}
+    got, body = _urllib(f"{nginx}/distance", BIG, headers)
+    assert (got, body["error"]["code"]) == (status, code)
+
+
+def test_too_many_files_through_nginx(nginx: str) -> None:
+    part = (
+        b'--b\r\nContent-Disposition: form-data; name="candidate"; filename="c"\r\n\r\n'
+        + b"y" * 70_000
+    )
+    body = (part + b"\r\n") * 200 + b"--b--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b", **AUTH}
+    got, err = _urllib(f"{nginx}/distance", body, headers)
+    assert (got, err["error"]["code"]) == (422, "validation_error")
