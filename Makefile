@@ -9,7 +9,7 @@ endif
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check
+.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check screenshot
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -33,6 +33,10 @@ test: lint
 
 serve: venv
 	.venv/bin/rlpips serve --host $(HOST) --port $(PORT)
+
+# the README's picture of /ui, taken by the browser test (needs Debian's chromium)
+screenshot: venv
+	RLPIPS_UI_SCREENSHOT=$(abspath docs/ui.jpg) $(PY) -m pytest -q tests/e2e/test_browser.py -k shows
 
 # issue 7's CPU tables and plot (about 25 minutes on 2 cores; run on an otherwise idle machine)
 bench: venv

@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     max_attack_epsilon_l2: float = Field(4.0, gt=0, description="L2 ε cap, [0, 1] pixel units")
     max_attack_jobs: int = Field(2, ge=1)
     open_probes: bool = Field(True, description="/healthz, /readyz, /metrics need no API key")
+    open_pages: bool = Field(
+        True,
+        description="/, /ui, /docs and their static assets need no API key (they hold no data)",
+    )
     max_batch_failures: int = Field(
         3, ge=1, description="consecutive failed device batches before /readyz turns 503"
     )

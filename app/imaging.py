@@ -335,13 +335,14 @@ def tensor_to_png(x: Tensor) -> bytes:
     return buf.getvalue()
 
 
-def heatmap_png(m: Tensor) -> bytes:
-    """Spatial distance map ``[1, H, W]`` or ``[H, W]`` (≥ 0) → PNG heat map (magma, max-scaled)."""
+def heatmap_png(m: Tensor, peak: float | None = None) -> bytes:
+    """Spatial distance map ``[1, H, W]`` or ``[H, W]`` (≥ 0) → PNG heat map (magma): 0 is the bottom
+    of the colour scale and ``peak`` (default: the map's own maximum) the top; values above it clip."""
     from matplotlib import colormaps
 
     arr = m.detach().float().cpu().reshape(m.shape[-2], m.shape[-1]).numpy()
-    peak = float(arr.max()) or 1.0
-    rgba = colormaps["magma"](arr / peak)
+    top = (float(arr.max()) if peak is None else peak) or 1.0
+    rgba = colormaps["magma"](np.clip(arr / top, 0.0, 1.0))
     buf = io.BytesIO()
     Image.fromarray((rgba[..., :3] * 255).round().astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Route
 
-from app.api import distance, errors, openapi, probes, robustness
+from app.api import distance, errors, openapi, pages, probes, robustness
 from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
 from app.api.middleware import DrainMiddleware, MetricsMiddleware, RequestBodyMiddleware
 from app.config import Settings
@@ -38,7 +38,12 @@ DESCRIPTION = """Perceptual similarity with LPIPS and the adversarially robust R
 
 Images are decoded (EXIF orientation applied, alpha composited on white), resized with antialiasing
 to the service's working resolution and compared in micro-batches on the device. Every error has the
-body `{"error": {"code", "message", "field"?}}`."""
+body `{"error": {"code", "message", "field"?}}`; each operation lists its codes with an example. Besides
+those, unknown paths get 404 `not_found` and wrong methods 405 `method_not_allowed`; a request whose
+client went away is logged and counted as 499 `client_closed_request`.
+
+A page to try the metric is at [/ui](ui). With API keys configured, send one as `X-API-Key: <key>` or
+`Authorization: Bearer <key>` (the Authorize button here)."""
 
 
 @asynccontextmanager
@@ -64,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app.api.pages serves /docs with local assets
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store = store
@@ -71,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.telemetry = Telemetry()
     app.state.runtime = None
     openapi.install(app, settings, models)
-    routers = [m.router for m in (distance, robustness, probes)]
+    routers = [m.router for m in (distance, robustness, probes, pages)]
     for router in routers:
         app.include_router(router)
     paths = {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
@@ -88,7 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         total_s=settings.body_timeout_s,
     )
     errors.install(app)  # handlers + the catch-all 500 middleware (outside the body limit)
-    open_paths = PROBE_PATHS if settings.open_probes else frozenset()
+    open_paths = (PROBE_PATHS if settings.open_probes else frozenset()) | (
+        pages.PAGE_PATHS if settings.open_pages else frozenset()
+    )
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, open_paths=open_paths)
     app.add_middleware(
         DrainMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s

@@ -14,11 +14,10 @@ from functools import partial
 
 from fastapi import APIRouter, Request
 
+from app.api.bodies import DISTANCE_BODY, ERROR_RESPONSES
 from app.api.deps import ReadyRuntime, loaded_model, time_left, until_disconnect
 from app.api.inputs import ImageField, read_body
 from app.api.schemas import (
-    DISTANCE_BODY,
-    ERROR_RESPONSES,
     DistanceJSON,
     DistanceOptions,
     DistanceResponse,
@@ -37,11 +36,22 @@ FIELDS = (
 )
 
 
-async def _heatmaps(rt: Runtime, answer: Answer) -> list[str] | None:
-    """Base64 PNG heat maps of the answer's spatial maps (encoded in the decode pool)."""
+def _peaks(answer: Answer, scale: str) -> list[float] | None:
+    """Per map, the value at the top of its colour scale: its own peak, or the request's largest."""
     if answer.spatial is None:
         return None
-    pngs = await asyncio.gather(*(rt.run_cpu(partial(heatmap_png, m)) for m in answer.spatial))
+    peaks = [float(m.max()) for m in answer.spatial]
+    return [max(peaks)] * len(peaks) if scale == "shared" else peaks
+
+
+async def _heatmaps(rt: Runtime, answer: Answer, peaks: list[float] | None) -> list[str] | None:
+    """Base64 PNG heat maps of the answer's spatial maps (encoded in the decode pool)."""
+    if answer.spatial is None or peaks is None:
+        return None
+    jobs = (
+        rt.run_cpu(partial(heatmap_png, m, p)) for m, p in zip(answer.spatial, peaks, strict=True)
+    )
+    pngs = await asyncio.gather(*jobs)
     return [base64.b64encode(p).decode("ascii") for p in pngs]
 
 
@@ -73,13 +83,15 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
     done = await until_disconnect(
         request, rt.distance(query, time_left(started, rt.settings.deadline_s))
     )
-    pngs = await _heatmaps(rt, done.value)
+    peaks = _peaks(done.value, opts.spatial_scale)
+    pngs = await _heatmaps(rt, done.value, peaks)
     results = [
         PairResult(
             distance=d,
             near_duplicate=d <= threshold,
             per_layer=done.value.per_layer[i] if opts.per_layer else None,
             spatial_png=pngs[i] if pngs else None,
+            spatial_max=peaks[i] if peaks else None,
         )
         for i, d in enumerate(done.value.distances)
     ]

@@ -7,9 +7,10 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.api.bodies import ERROR_RESPONSES
 from app.api.deps import current_runtime, ready_runtime
 from app.api.errors import ApiError, error_response
-from app.api.schemas import ERROR_RESPONSES, ErrorBody, ModelFile, ModelInfo, ModelsResponse, Status
+from app.api.schemas import ErrorBody, ModelFile, ModelInfo, ModelsResponse, Status
 from app.metric.store import ModelStore
 from app.telemetry import Telemetry
 

@@ -8,16 +8,17 @@ batches go first between steps) → encode. Each model is attacked white-box on 
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
+from functools import partial
 
 from fastapi import APIRouter, Request
 
+from app.api.bodies import ERROR_RESPONSES, ROBUSTNESS_BODY
 from app.api.deps import ReadyRuntime, loaded_model, time_left, until_disconnect
 from app.api.errors import ApiError
 from app.api.inputs import ImageField, read_body
 from app.api.schemas import (
-    ERROR_RESPONSES,
-    ROBUSTNESS_BODY,
     AttackParams,
     ModelOutcome,
     RobustnessJSON,
@@ -26,6 +27,8 @@ from app.api.schemas import (
     Timing,
 )
 from app.attacks.robustness import AttackSpec, ModelResult
+from app.imaging import tensor_to_png
+from app.metric.engine import Image
 from app.metric.store import BASELINE_MODEL
 from app.serving.runtime import Runtime
 
@@ -76,6 +79,12 @@ async def _outcomes(rt: Runtime, results: list[ModelResult], pngs: bool) -> list
     return [ModelOutcome.of(r, p) for r, p in zip(results, encoded, strict=True)]
 
 
+async def _png(rt: Runtime, image: Image) -> str:
+    """The decoded image as a base64 8-bit PNG (encoded in the decode pool)."""
+    png = await rt.run_cpu(partial(tensor_to_png, image.tensor))
+    return base64.b64encode(png).decode("ascii")
+
+
 @router.post(
     "/robustness-check",
     response_model=RobustnessResponse,
@@ -98,9 +107,11 @@ async def robustness_check(request: Request, rt: ReadyRuntime) -> RobustnessResp
     candidate = images[1] if len(images) > 1 else None
     work = rt.attack(images[0], candidate, thresholds, spec, time_left(started, deadline_s))
     done = await until_disconnect(request, work)
+    attacked = images[-1]  # the candidate, or the reference when there is none
     return RobustnessResponse(
         attack=AttackParams.of(spec),
         resolution=[rt.resolution, rt.resolution],
         results=await _outcomes(rt, done.value, opts.return_adversarial),
+        attacked_png=await _png(rt, attacked) if opts.return_adversarial else None,
         timing_ms=Timing.of(decode_s, done.queued_s, done.device_s, time.perf_counter() - started),
     )

@@ -4,14 +4,15 @@ conversions from the domain's typed results to them (the only place that knows b
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from app.attacks.robustness import DEFAULT_STEPS, AttackSpec, ModelResult
 from app.config import comma_list
 
-_PNG_1PX = (
+#: A 1x1 PNG, base64, for the examples.
+PNG_1PX = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
 )
 
@@ -53,6 +54,11 @@ class DistanceOptions(BaseModel):
         description="near-duplicate threshold; default: the model's threshold from the store",
     )
     spatial: bool = Field(False, description="include a spatial heat map (base64 PNG) per pair")
+    spatial_scale: Literal["pair", "shared"] = Field(
+        "pair",
+        description="top of the heat maps' colour scale: each map's own peak, or the largest peak "
+        "of the request (maps comparable across candidates); the value is in spatial_max",
+    )
     per_layer: bool = Field(False, description="include the per-layer distances")
 
 
@@ -62,7 +68,7 @@ class DistanceJSON(DistanceOptions):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"reference": _PNG_1PX, "candidates": [_PNG_1PX], "model": "lpips-alex"}]
+            "examples": [{"reference": PNG_1PX, "candidates": [PNG_1PX], "model": "lpips-alex"}]
         },
     )
 
@@ -74,7 +80,12 @@ class PairResult(BaseModel):
     distance: float = Field(ge=0, examples=[0.1834])
     near_duplicate: bool = Field(description="distance <= threshold")
     per_layer: list[float] | None = Field(None, description="only with per_layer=true")
-    spatial_png: str | None = Field(None, description="base64 PNG heat map; only with spatial=true")
+    spatial_png: str | None = Field(
+        None, description="base64 PNG heat map (magma colour map); only with spatial=true"
+    )
+    spatial_max: float | None = Field(
+        None, ge=0, description="the per-pixel distance shown at the top of the colour scale"
+    )
 
 
 class Timing(BaseModel):
@@ -159,9 +170,13 @@ class RobustnessOptions(BaseModel):
     models: list[str] | None = Field(
         None, description="models to attack; default: lpips-alex and the default model, once each"
     )
-    attack: Literal["linf", "l2"] = "linf"
+    attack: Literal["linf", "l2"] = Field("linf", description="the norm of the ε-ball")
     epsilon: float | None = Field(
-        None, ge=0, le=1, allow_inf_nan=False, description="default: L∞ 4/255, L2 1.0"
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="radius in [0, 1] pixel units; default: L∞ 4/255, L2 1.0",
     )
     steps: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = Field(
         None, description="PGD steps; default 20 (or the service's cap when it is lower)"
@@ -169,11 +184,19 @@ class RobustnessOptions(BaseModel):
     step_size: float | None = Field(
         None, gt=0, le=1, allow_inf_nan=False, description="default: 2.5·ε/steps"
     )
-    goal: Literal["evade", "impersonate"] = "evade"
-    random_start: bool = True
-    seed: Annotated[int, Field(ge=0, lt=2**63), BeforeValidator(_integral)] | None = None
-    threshold: float | None = Field(None, ge=0, allow_inf_nan=False)
-    return_adversarial: bool = False
+    goal: Literal["evade", "impersonate"] = Field(
+        "evade", description="evade: push a match apart; impersonate: pull a non-match together"
+    )
+    random_start: bool = Field(True, description="start from a random point of the ε-ball")
+    seed: Annotated[int, Field(ge=0, lt=2**63), BeforeValidator(_integral)] | None = Field(
+        None, description="random seed (a fixed seed repeats the attack); default: random"
+    )
+    threshold: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="default: each model's threshold"
+    )
+    return_adversarial: bool = Field(
+        False, description="return the adversarial and the attacked images as PNGs"
+    )
 
     @field_validator("models", mode="before")
     @classmethod
@@ -203,7 +226,7 @@ class RobustnessJSON(RobustnessOptions):
     """``POST /robustness-check`` as ``application/json``: base64 images."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"reference": _PNG_1PX, "steps": 10}]}
+        extra="forbid", json_schema_extra={"examples": [{"reference": PNG_1PX, "steps": 10}]}
     )
     reference: Base64Image = Field(description="base64-encoded image")
     candidate: Base64Image | None = Field(
@@ -278,97 +301,9 @@ class RobustnessResponse(BaseModel):
     attack: AttackParams
     resolution: list[int] = Field(min_length=2, max_length=2, description="[H, W] of the images")
     results: list[ModelOutcome] = Field(description="one entry per model, in request order")
+    attacked_png: str | None = Field(
+        None,
+        description="the attacked image (the candidate, or the reference when there is none) as "
+        "the models saw it: decoded, resized, 8-bit PNG; only with return_adversarial",
+    )
     timing_ms: Timing
-
-
-def _error_example(code: str, message: str, field: str | None = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"code": code, "message": message}
-    if field:
-        err["field"] = field
-    return {"model": ErrorBody, "content": {"application/json": {"example": {"error": err}}}}
-
-
-#: Documented error responses of POST endpoints.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error_example(
-        "invalid_image", "cannot decode the image: broken data stream", "candidate[0]"
-    ),
-    401: _error_example("unauthorized", "a valid API key is required: send 'Authorization: …'"),
-    413: _error_example("image_too_large", "image is 9000x9000 = 81000000 pixels, over the limit"),
-    415: _error_example("unsupported_media_type", "use multipart/form-data or application/json"),
-    422: _error_example("validation_error", "threshold: must be ≥ 0", "threshold"),
-    429: _error_example("overloaded", "admission queue full (256 of 256 queued)"),
-    500: _error_example("internal_error", "an internal error occurred; quote error_id …"),
-    503: _error_example("not_ready", "models are not loaded yet"),
-    504: _error_example("deadline_exceeded", "the request waited past its deadline"),
-}
-
-#: ``POST /distance`` request body in both encodings (the route reads the raw request).
-DISTANCE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["reference", "candidate"],
-                    "properties": {
-                        "reference": {"type": "string", "format": "binary"},
-                        "candidate": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "repeat the field for several candidates",
-                        },
-                        "model": {"type": "string"},
-                        "threshold": {"type": "number", "minimum": 0},
-                        "spatial": {"type": "boolean", "default": False},
-                        "per_layer": {"type": "boolean", "default": False},
-                    },
-                },
-                "encoding": {"candidate": {"style": "form", "explode": True}},
-            },
-            "application/json": {
-                "schema": DistanceJSON.model_json_schema(),
-                "example": {"reference": _PNG_1PX, "candidates": [_PNG_1PX], "per_layer": True},
-            },
-        },
-    }
-}
-
-
-def _form_field(kind: str, **schema: Any) -> dict[str, Any]:
-    return {"type": kind, **schema}
-
-
-#: ``POST /robustness-check`` request body in both encodings (the route reads the raw request).
-ROBUSTNESS_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["reference"],
-                    "properties": {
-                        "reference": _form_field("string", format="binary"),
-                        "candidate": _form_field("string", format="binary"),
-                        "models": _form_field("string", description="comma-separated names"),
-                        "attack": _form_field("string", enum=["linf", "l2"]),
-                        "epsilon": _form_field("number", minimum=0, maximum=1),
-                        "steps": _form_field("integer", minimum=1),
-                        "step_size": _form_field("number", exclusiveMinimum=0, maximum=1),
-                        "goal": _form_field("string", enum=["evade", "impersonate"]),
-                        "random_start": _form_field("boolean"),
-                        "seed": _form_field("integer", minimum=0, exclusiveMaximum=2**63),
-                        "threshold": _form_field("number", minimum=0),
-                        "return_adversarial": _form_field("boolean"),
-                    },
-                }
-            },
-            "application/json": {
-                "schema": RobustnessJSON.model_json_schema(),
-                "example": {"reference": _PNG_1PX, "steps": 10, "seed": 0},
-            },
-        },
-    }
-}

@@ -74,6 +74,11 @@ async def test_multipart_impersonate_returns_the_measured_png(tiny_store: Path) 
         delta = adv.transpose(2, 0, 1) - clean_cand.numpy()
         assert np.abs(delta).max() <= 0.03 + 1e-6
         assert np.abs(np.abs(delta).max() - res["perturbation"]["linf"]) < 1e-6
+    # the attacked image as the models saw it (8-bit): the candidate, rounded to the nearest level
+    shown = Image.open(io.BytesIO(base64.b64decode(r.json()["attacked_png"]))).convert("RGB")
+    levels = np.asarray(shown, dtype=np.float64).transpose(2, 0, 1)
+    assert levels.shape == (3, 64, 64)
+    assert np.abs(levels - clean_cand.numpy() * 255).max() <= 0.5 + 1e-4
 
 
 @pytest.mark.parametrize(
