@@ -201,7 +201,8 @@ class MetricsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, observing_send)
+            with self.telemetry.request_inflight(self.endpoint_of(str(scope["path"]))):
+                await self.app(scope, receive, observing_send)
         finally:
             self.telemetry.request_done(
                 self._endpoint(scope), status, time.perf_counter() - started
