@@ -208,27 +208,59 @@ def test_results_are_typed_and_keep_the_raw_body() -> None:
 
 def test_robustness_check_sends_every_option() -> None:
     body = {
-        "attack": {"attack": "l2", "epsilon": 0.5, "steps": 2, "step_size": 0.1, "goal": "impersonate", "random_start": False, "seed": 7},
+        "attack": {
+            "attack": "l2",
+            "epsilon": 0.5,
+            "steps": 2,
+            "step_size": 0.1,
+            "goal": "impersonate",
+            "random_start": False,
+            "seed": 7,
+        },
         "resolution": [64, 64],
         "results": [
-            {"model": "lpips-alex", "clean_distance": 0.1, "adversarial_distance": 0.3, "change": 0.2, "clean_match": True,
-             "adversarial_match": True, "flipped": False, "perturbation": {"linf": 0.01, "l2": 0.4}}
+            {
+                "model": "lpips-alex",
+                "clean_distance": 0.1,
+                "adversarial_distance": 0.3,
+                "change": 0.2,
+                "clean_match": True,
+                "adversarial_match": True,
+                "flipped": False,
+                "perturbation": {"linf": 0.01, "l2": 0.4},
+            }
         ],
         "timing_ms": {"decode": 1, "queue": 0, "inference": 5, "total": 7},
-    }  # fmt: skip
+    }
     script, waits = Script(httpx.Response(200, json=body)), []
     with client(script, waits) as c:
         r = c.robustness_check(
-            b"ref", b"cand", models=["lpips-alex", "x"], attack="l2", epsilon=0.5, steps=2,
-            step_size=0.1, goal="impersonate", random_start=False, seed=7, threshold=0.3,
+            b"ref",
+            b"cand",
+            models=["lpips-alex", "x"],
+            attack="l2",
+            epsilon=0.5,
+            steps=2,
+            step_size=0.1,
+            goal="impersonate",
+            random_start=False,
+            seed=7,
+            threshold=0.3,
             return_adversarial=True,
-        )  # fmt: skip
+        )
     sent = script.requests[0].read()
     expected = {
-        "models": b"lpips-alex,x", "attack": b"l2", "epsilon": b"0.5", "steps": b"2", "step_size": b"0.1",
-        "goal": b"impersonate", "random_start": b"false", "seed": b"7", "threshold": b"0.3",
+        "models": b"lpips-alex,x",
+        "attack": b"l2",
+        "epsilon": b"0.5",
+        "steps": b"2",
+        "step_size": b"0.1",
+        "goal": b"impersonate",
+        "random_start": b"false",
+        "seed": b"7",
+        "threshold": b"0.3",
         "return_adversarial": b"true",
-    }  # fmt: skip
+    }
     for name, text in expected.items():
         assert f'name="{name}"'.encode() + b"\r\n\r\n" + text + b"\r\n" in sent
     assert (
