@@ -174,7 +174,8 @@ def _closing(message: Message) -> Message:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request by endpoint (route template) and status, and times it.
+    """Counts every HTTP request by endpoint (route template) and status, and times it; while it runs
+    it is counted in ``rlpips_inflight_requests`` (by ``endpoint_of(path)``, known before routing).
 
     ``endpoint_of(path)`` names requests that no route handled (refused in middleware): their path when
     it is one of the app's, else ``other``.
