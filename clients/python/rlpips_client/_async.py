@@ -29,7 +29,8 @@ class AsyncClient:
     """An asyncio client of one R-LPIPS service (or of the load balancer in front of its replicas).
 
     ``api_key`` is sent as ``Authorization: Bearer``; ``timeout`` (seconds, or an ``httpx.Timeout``)
-    bounds each attempt; ``retries``, ``backoff`` and ``max_backoff`` make the :class:`RetryPolicy`
+    bounds each attempt (default 90 s: above the service's 60 s robustness-check deadline, so that its
+    own 504 arrives); ``retries``, ``backoff`` and ``max_backoff`` make the :class:`RetryPolicy`
     (429, 502, 503 and failed connections are retried, honouring ``Retry-After``). ``transport``,
     ``headers`` and ``sleep`` are for tests and special set-ups. Use it as an async context manager, or await
     :meth:`close`.
@@ -39,7 +40,7 @@ class AsyncClient:
         self,
         base_url: str,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout = 60.0,
+        timeout: float | httpx.Timeout = 90.0,
         retries: int = 3,
         backoff: float = 0.5,
         *,
