@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from email.utils import formatdate
 from pathlib import Path
 
 import httpx
@@ -318,3 +319,13 @@ def test_importing_the_client_loads_no_torch_numpy_or_pillow() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    from rlpips_client._retry import parse_retry_after
+
+    now = 1_700_000_000.0
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(formatdate(now + 7, usegmt=True), now=now) == 7.0
+    assert parse_retry_after(formatdate(now - 7, usegmt=True), now=now) == 0.0  # already past
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
