@@ -15,6 +15,7 @@ PORT ?= 8000
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e clients/python
 	touch $@
 
 venv: .venv/.installed

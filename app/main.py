@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.default_model = default_model
-    app.state.telemetry = Telemetry()
+    app.state.telemetry = Telemetry(version=_version())
     app.state.runtime = None
     openapi.install(app, settings, models)
     routers = [m.router for m in (distance, robustness, probes, pages)]
@@ -86,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def endpoint_of(path: str) -> str:
         return path if path in paths else "other"
+
+    app.state.telemetry.declare_endpoints([*sorted(paths), "other"])
 
     # Middleware, outermost last: metrics → drain → API keys → catch-all 500 → body → routes.
     app.add_middleware(

@@ -1,12 +1,18 @@
 """Prometheus metrics of the service, in an explicit registry per app (tests build several apps).
 
-Names follow the design brief (section 6). :class:`Telemetry` also implements the batcher's
+Names follow the design brief (section 6), plus the operational gauges of issue 14 (in-flight work,
+readiness, draining, cache size, build info) and the distance histogram; the registry also holds the
+``process_*`` and ``python_*`` collectors. :class:`Telemetry` also implements the batcher's
 :class:`~app.batching.BatchObserver` and the engine's :class:`~app.engine.EngineObserver` hooks.
+The full list, with meanings, is in the README ("Metrics").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import platform
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from prometheus_client import (
@@ -14,13 +20,40 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+
+# prometheus_client exports a ``<name>_created`` timestamp series beside every counter and histogram
+# (and every label set of them): Prometheus does not use it, and it doubled the scrape. The switch is
+# process-global (read when each metric is created), so it is flipped once, here, before any
+# :class:`Telemetry` builds its metrics; the library's default registry is not used by the service.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: LPIPS distances are ≥ 0 and mostly below 1; the near-duplicate thresholds of the shipped models are
+#: 0.3657-0.4578 (model_store/manifest.json, docs/thresholds.json), so the buckets are 0.05 apart there.
+DISTANCE_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.0, 1.5,
+)  # fmt: skip
+#: Every ``reason`` of ``rlpips_rejected_total`` (each ``rejected(...)`` call in app/; kept complete by
+#: tests/unit/test_telemetry.py): exported at 0 from the start, so rates and alerts work before the
+#: first rejection.
+REJECT_REASONS = ("overloaded", "decode_full", "jobs_full", "deadline", "cancelled")
+
+
+class CacheView(Protocol):
+    """What the cache gauges read: the reference-feature cache (:class:`app.metric.engine.FeatureCache`)."""
+
+    bytes: int
+
+    def __len__(self) -> int: ...
 
 
 class Telemetry:
@@ -28,8 +61,12 @@ class Telemetry:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = "0+unknown") -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.version = version
+        ProcessCollector(registry=r)  # process_* (CPU, RSS, open fds, start time)
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)  # python_gc_*
         self.requests = Counter(
             "rlpips_requests",
             "HTTP requests by endpoint and status",
@@ -71,6 +108,8 @@ class Telemetry:
         self.rejections = Counter(
             "rlpips_rejected", "work refused or dropped, by reason", ["reason"], registry=r
         )
+        for reason in REJECT_REASONS:
+            self.rejections.labels(reason=reason)
         self.pairs = Counter("rlpips_pairs", "image pairs scored", ["model"], registry=r)
         self.cache = Counter(
             "rlpips_cache_requests", "reference feature cache lookups", ["result"], registry=r
@@ -79,6 +118,102 @@ class Telemetry:
             "rlpips_model_info", "loaded models (value 1)", ["name", "trunk", "device"], registry=r
         )
         self._device_memory: Gauge | None = None
+        self._gauges(r)
+        self.distances = Histogram(
+            "rlpips_distance",
+            "distances returned by /distance, by model (to watch drift)",
+            ["model"],
+            buckets=DISTANCE_BUCKETS,
+            registry=r,
+        )
+
+    def _gauges(self, r: CollectorRegistry) -> None:
+        """The operational gauges; those that read the runtime give 0 until :meth:`watch_runtime`."""
+        self.inflight_requests = Gauge(
+            "rlpips_inflight_requests", "HTTP requests being handled", ["endpoint"], registry=r
+        )
+        self.inflight_pairs = Gauge(
+            "rlpips_inflight_pairs",
+            "pairs of /distance requests past admission and not yet answered "
+            "(decoding, queued, on the device or being encoded)",
+            registry=r,
+        )
+        self._ready: Callable[[], bool] = lambda: False
+        self._draining: Callable[[], bool] = lambda: False
+        self._attacks: Callable[[], int] = lambda: 0
+        self._cache: CacheView | None = None
+        Gauge(
+            "rlpips_attacks_running", "robustness checks holding an attack slot", registry=r
+        ).set_function(lambda: float(self._attacks()))
+        Gauge("rlpips_ready", "1 when /readyz answers 200", registry=r).set_function(
+            lambda: float(self._ready())
+        )
+        Gauge("rlpips_draining", "1 while shutting down", registry=r).set_function(
+            lambda: float(self._draining())
+        )
+        Gauge("rlpips_cache_entries", "reference feature cache entries", registry=r).set_function(
+            lambda: float(len(self._cache) if self._cache is not None else 0)
+        )
+        Gauge(
+            "rlpips_cache_bytes", "reference feature cache size (tensor bytes)", registry=r
+        ).set_function(lambda: float(self._cache.bytes if self._cache is not None else 0))
+        self.build_info = Gauge(
+            "rlpips_build_info",
+            "the running build and its serving choices (value 1)",
+            ["version", "python", "torch", "device", "precision", "default_model"],
+            registry=r,
+        )
+
+    def watch_runtime(
+        self,
+        ready: Callable[[], bool],
+        draining: Callable[[], bool],
+        attacks: Callable[[], int],
+        cache: CacheView,
+    ) -> None:
+        """Let the gauges read the serving runtime's state (read at each scrape, from any thread)."""
+        self._ready, self._draining, self._attacks, self._cache = ready, draining, attacks, cache
+
+    def runtime_info(self, device: str, precision: torch.dtype, default_model: str) -> None:
+        """Set ``rlpips_build_info`` (one label set: the previous one is dropped)."""
+        self.build_info.clear()
+        self.build_info.labels(
+            version=self.version,
+            python=platform.python_version(),
+            torch=torch.__version__,
+            device=device,
+            precision=str(precision).removeprefix("torch."),
+            default_model=default_model,
+        ).set(1)
+
+    def declare_endpoints(self, endpoints: Collection[str]) -> None:
+        """Export ``rlpips_inflight_requests`` at 0 for each of ``endpoints`` from the start."""
+        for endpoint in endpoints:
+            self.inflight_requests.labels(endpoint=endpoint)
+
+    @contextmanager
+    def request_inflight(self, endpoint: str) -> Iterator[None]:
+        """Count one request of ``endpoint`` in ``rlpips_inflight_requests`` while the block runs."""
+        gauge = self.inflight_requests.labels(endpoint=endpoint)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    @contextmanager
+    def pairs_inflight(self, pairs: int) -> Iterator[None]:
+        """Count ``pairs`` in ``rlpips_inflight_pairs`` while the block runs."""
+        self.inflight_pairs.inc(pairs)
+        try:
+            yield
+        finally:
+            self.inflight_pairs.dec(pairs)
+
+    def distances_returned(self, model: str, distances: Sequence[float]) -> None:
+        hist = self.distances.labels(model=model)
+        for d in distances:
+            hist.observe(d)
 
     def watch_device(self, device: torch.device) -> None:
         """Export ``rlpips_device_memory_bytes`` (allocated) for a CUDA device; no-op on CPU."""

@@ -74,17 +74,19 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
     model = loaded_model(rt, opts.model)
     threshold = rt.threshold(model) if opts.threshold is None else opts.threshold
     rt.check_distance(body.counts["candidate"])  # refuse before decoding when the queue is full
-    t_decode = time.perf_counter()
-    images = await until_disconnect(
-        request, rt.decode(body.images, time_left(started, rt.settings.deadline_s))
-    )
-    decode_s = time.perf_counter() - t_decode
-    query = Query(model, images[0], tuple(images[1:]), opts.spatial)
-    done = await until_disconnect(
-        request, rt.distance(query, time_left(started, rt.settings.deadline_s))
-    )
-    peaks = _peaks(done.value, opts.spatial_scale)
-    pngs = await _heatmaps(rt, done.value, peaks)
+    with rt.telemetry.pairs_inflight(body.counts["candidate"]):
+        t_decode = time.perf_counter()
+        images = await until_disconnect(
+            request, rt.decode(body.images, time_left(started, rt.settings.deadline_s))
+        )
+        decode_s = time.perf_counter() - t_decode
+        query = Query(model, images[0], tuple(images[1:]), opts.spatial)
+        done = await until_disconnect(
+            request, rt.distance(query, time_left(started, rt.settings.deadline_s))
+        )
+        peaks = _peaks(done.value, opts.spatial_scale)
+        pngs = await _heatmaps(rt, done.value, peaks)
+    rt.telemetry.distances_returned(model, done.value.distances)
     results = [
         PairResult(
             distance=d,

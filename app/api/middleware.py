@@ -174,7 +174,8 @@ def _closing(message: Message) -> Message:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request by endpoint (route template) and status, and times it.
+    """Counts every HTTP request by endpoint (route template) and status, and times it; while it runs
+    it is counted in ``rlpips_inflight_requests`` (by ``endpoint_of(path)``, known before routing).
 
     ``endpoint_of(path)`` names requests that no route handled (refused in middleware): their path when
     it is one of the app's, else ``other``.
@@ -201,7 +202,8 @@ class MetricsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, observing_send)
+            with self.telemetry.request_inflight(self.endpoint_of(str(scope["path"]))):
+                await self.app(scope, receive, observing_send)
         finally:
             self.telemetry.request_done(
                 self._endpoint(scope), status, time.perf_counter() - started

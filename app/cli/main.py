@@ -17,12 +17,15 @@ import torch
 
 from app.cli import experiments, robustness, serve, train
 from app.cli.args import add_device_arg, resolution_arg
+from app.cli.remote import add_remote_args, cmd_remote_distance
 from app.config import Settings, pick_device
 from app.imaging import ImageError, heatmap_png, load_tensor
 from app.metric.store import WeightsError
 
 
 def cmd_distance(args: argparse.Namespace, settings: Settings) -> int:
+    if args.url:
+        return cmd_remote_distance(args)
     store = settings.store()
     name = args.model or settings.default_model or store.manifest.default
     device = pick_device(args.device)
@@ -108,6 +111,7 @@ def _register_distance(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--spatial", metavar="OUT.png", help="write the spatial distance heat map")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     add_device_arg(p)
+    add_remote_args(p)
     p.set_defaults(func=cmd_distance)
 
 

@@ -153,6 +153,13 @@ class Runtime:
         )
         self.started = False
         self.draining = False
+        telemetry.watch_runtime(
+            ready=lambda: self.ready,
+            draining=lambda: self.draining,
+            attacks=lambda: self.jobs.active,
+            cache=cache,
+        )
+        telemetry.runtime_info(str(self.device), self.engine.precision, self.default_model)
         self._probed_at = -math.inf
         self._threads_before = torch.get_num_threads()
 

@@ -1,0 +1,175 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Literal
+
+import httpx
+
+from rlpips_client._inputs import ImageInput
+from rlpips_client._protocol import (
+    JSON,
+    Call,
+    auth_headers,
+    distance_call,
+    error_from,
+    json_of,
+    new_request_id,
+    robustness_call,
+    transport_error,
+)
+from rlpips_client._retry import RetryPolicy
+from rlpips_client.models import DistanceResult, ModelInfo, RobustnessResult
+
+
+class Client:
+    """A client of one R-LPIPS service (or of the load balancer in front of its replicas).
+
+    ``api_key`` is sent as ``Authorization: Bearer``; ``timeout`` (seconds, or an ``httpx.Timeout``)
+    bounds each attempt (default 90 s: above the service's 60 s robustness-check deadline, so that its
+    own 504 arrives); ``retries``, ``backoff`` and ``max_backoff`` make the :class:`RetryPolicy`
+    (429, 502, 503 and failed connections are retried, honouring ``Retry-After``). ``transport``,
+    ``headers`` and ``sleep`` are for tests and special set-ups. Use it as a context manager, or call
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = 90.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        *,
+        max_backoff: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.retry = RetryPolicy(retries, backoff, max_backoff)
+        self._sleep = sleep
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            transport=transport,
+            headers=auth_headers(api_key, headers),
+        )
+
+    def distance(
+        self,
+        reference: ImageInput,
+        candidates: ImageInput | Sequence[ImageInput],
+        model: str | None = None,
+        threshold: float | None = None,
+        *,
+        spatial: bool = False,
+        per_layer: bool = False,
+    ) -> DistanceResult:
+        """Distances from ``reference`` to each of ``candidates`` (one image or a sequence).
+
+        ``model``: a name from :meth:`models` (default: the service's); ``threshold``: the
+        near-duplicate threshold (default: the model's); ``spatial``: heat maps
+        (``PairResult.spatial_png``); ``per_layer``: per-layer distances."""
+        call = distance_call(
+            reference,
+            candidates,
+            model=model,
+            threshold=threshold,
+            spatial=spatial or None,
+            per_layer=per_layer or None,
+        )
+        return DistanceResult.from_json(self._json(call))
+
+    def robustness_check(
+        self,
+        reference: ImageInput,
+        candidate: ImageInput | None = None,
+        *,
+        models: Sequence[str] | None = None,
+        attack: Literal["linf", "l2"] | None = None,
+        epsilon: float | None = None,
+        steps: int | None = None,
+        step_size: float | None = None,
+        goal: Literal["evade", "impersonate"] | None = None,
+        random_start: bool | None = None,
+        seed: int | None = None,
+        threshold: float | None = None,
+        return_adversarial: bool = False,
+    ) -> RobustnessResult:
+        """White-box PGD within an ε-ball against each model: how far does the distance move?
+
+        ``candidate`` absent: the reference itself is attacked. Every option left ``None`` takes the
+        service's default (see its ``/docs``)."""
+        call = robustness_call(
+            reference,
+            candidate,
+            models=models,
+            attack=attack,
+            epsilon=epsilon,
+            steps=steps,
+            step_size=step_size,
+            goal=goal,
+            random_start=random_start,
+            seed=seed,
+            threshold=threshold,
+            return_adversarial=return_adversarial or None,
+        )
+        return RobustnessResult.from_json(self._json(call))
+
+    def models(self) -> list[ModelInfo]:
+        """Every model of the service's store (``loaded`` ones can be used)."""
+        return [ModelInfo.from_json(m) for m in self._json(Call("GET", "/models"))["models"]]
+
+    def health(self) -> bool:
+        """Whether the service answers ``/healthz`` (no retries)."""
+        try:
+            return self._http.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def ready(self) -> bool:
+        """Whether the service answers ``/readyz`` with 200: models loaded, not draining (no retries)."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def _json(self, call: Call) -> JSON:
+        request_id = new_request_id()
+        return json_of(self._send(call, request_id), request_id)
+
+    def _send(self, call: Call, request_id: str) -> httpx.Response:
+        """The first successful response, retrying as the policy says; raises an ``RLPIPSError``."""
+        repeat = 0
+        while True:
+            try:
+                response = self._http.request(call.method, call.path, **call.send_args(request_id))
+            except httpx.TransportError as exc:
+                wait = self.retry.after_error(repeat, exc)
+                if wait is None:
+                    raise transport_error(exc, request_id) from exc
+            else:
+                if response.is_success:
+                    return response
+                wait = self.retry.after_response(repeat, response)
+                if wait is None:
+                    raise error_from(response, request_id)
+            self._sleep(wait)
+            repeat += 1
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
