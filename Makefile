@@ -9,7 +9,7 @@ endif
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check
+.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check lock
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -30,6 +30,11 @@ fmt: venv
 
 test: lint
 	$(PY) -m pytest -q
+
+# constraints.txt (the Docker images' pinned runtime dependencies) from .venv's resolved versions:
+# change pyproject.toml, `make venv` (or pip install -U in .venv), then `make lock` and commit the file
+lock: venv
+	$(PY) deploy/lock.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 serve: venv
 	.venv/bin/rlpips serve --host $(HOST) --port $(PORT)
