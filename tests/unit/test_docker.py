@@ -118,6 +118,10 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert "!.venv/" not in lines and "!tests/" not in lines
 
 
+#: The replica services (the nginx upstream in deploy/nginx/compose.conf names them).
+REPLICAS = ("rlpips-cpu", "rlpips-gpu")
+
+
 def compose() -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     return doc
@@ -136,10 +140,12 @@ def test_compose_cpu_profile_and_shared_service_shape() -> None:
     services = doc["services"]
     assert services["rlpips-cpu"]["profiles"] == ["cpu"]
     assert services["rlpips-cpu"]["build"]["target"] == "cpu"
-    assert set(services) == {"rlpips-gpu", "rlpips-cpu"}
-    for name, svc in services.items():
+    assert {"rlpips-gpu", "rlpips-cpu"} <= set(services)
+    for name in REPLICAS:
+        svc = services[name]
         assert svc["build"]["target"] in stages(), name
-        assert any(p.endswith(":8000") for p in svc["ports"]), name
+        # behind the lb: the port on the compose network only, no host port (so `--scale` works)
+        assert svc["expose"] == ["8000"] and "ports" not in svc, name
         check = svc["healthcheck"]
         assert "/healthz" in " ".join(check["test"]) and check["start_period"], name
         mounts = [v for v in svc["volumes"] if isinstance(v, str)]
