@@ -9,8 +9,9 @@
 # Versions are pinned: torch and torchvision by pyproject.toml (==), everything else by constraints.txt
 # (`make lock` regenerates it from .venv; tests/unit/test_docker.py checks it against pyproject.toml).
 # torch and torchvision come from the PyTorch index without their dependencies; the second pip
-# resolves those (the CUDA libraries at the exact versions that torch build names) and the service's own
-# dependencies from the package index, all under the constraints, and `pip check` verifies the result.
+# resolves those (the CUDA libraries as that torch build names them: exact versions, or a narrow range for
+# triton and cuda-bindings) and the service's own dependencies from the package index, all under the
+# constraints, and `pip check` verifies the result.
 # Weights are never baked in unverified: mount a folder holding them and point RLPIPS_WEIGHTS_DIR at it
 # (docker-compose.yml mounts it at /weights), or fill the cache volume with
 # `docker compose run --rm rlpips-gpu rlpips store pull MODEL`, which checks every file's hash. For a
