@@ -6,6 +6,12 @@
 # other dependency from pyproject.toml) → cpu / gpu (the code). Dependencies come before the code, so a
 # code change rebuilds one small layer. The GPU image carries CUDA once: the libraries that torch's CUDA
 # wheels bring (the host needs only the NVIDIA driver and the container toolkit), no CUDA base image.
+# Versions are pinned: torch and torchvision by pyproject.toml (==), everything else by constraints.txt
+# (`make lock` regenerates it from .venv; tests/unit/test_docker.py checks it against pyproject.toml).
+# torch and torchvision come from the PyTorch index without their dependencies; the second pip
+# resolves those (the CUDA libraries as that torch build names them: exact versions, or a narrow range for
+# triton and cuda-bindings) and the service's own dependencies from the package index, all under the
+# constraints, and `pip check` verifies the result.
 # Weights are never baked in unverified: mount a folder holding them and point RLPIPS_WEIGHTS_DIR at it
 # (docker-compose.yml mounts it at /weights), or fill the cache volume with
 # `docker compose run --rm rlpips-gpu rlpips store pull MODEL`, which checks every file's hash. For a
@@ -30,7 +36,7 @@ RUN python -m venv /opt/venv \
     && mkdir -p /var/lib/rlpips/files \
     && chown -R 10001:10001 /var/lib/rlpips
 WORKDIR /srv/rlpips
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 # The runtime dependencies of pyproject.toml except torch and torchvision (installed first, per flavour).
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith(('torch==', 'torchvision=='))))" > /tmp/requirements.txt
 
@@ -45,17 +51,21 @@ FROM base AS deps-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
+RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+    && pip check
 
 FROM base AS deps-gpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
+RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+    && pip check
 
 # ---------------------------------------------------------------------------------------------------
 FROM deps-cpu AS cpu

@@ -9,9 +9,9 @@ endif
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check screenshot
+.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check screenshot lock
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,bench]'
@@ -21,16 +21,22 @@ PORT ?= 8000
 venv: .venv/.installed
 
 lint: venv
-	.venv/bin/ruff check app tests benchmarks
-	.venv/bin/ruff format --check app tests benchmarks
+	.venv/bin/ruff check app tests benchmarks clients
+	.venv/bin/ruff format --check app tests benchmarks clients
 	.venv/bin/mypy
+	.venv/bin/mypy --strict clients/python/rlpips_client
 
 fmt: venv
-	.venv/bin/ruff format app tests benchmarks
-	.venv/bin/ruff check --fix app tests benchmarks
+	.venv/bin/ruff format app tests benchmarks clients
+	.venv/bin/ruff check --fix app tests benchmarks clients
 
 test: lint
 	$(PY) -m pytest -q
+
+# constraints.txt (the Docker images' pinned runtime dependencies) from .venv's resolved versions:
+# change pyproject.toml, `make venv` (or pip install -U in .venv), then `make lock` and commit the file
+lock: venv
+	$(PY) deploy/lock.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 serve: venv
 	.venv/bin/rlpips serve --host $(HOST) --port $(PORT)

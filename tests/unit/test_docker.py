@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.support import ROOT
 
@@ -116,6 +118,10 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert "!.venv/" not in lines and "!tests/" not in lines
 
 
+#: The replica services (the nginx upstream in deploy/nginx/compose.conf names them).
+REPLICAS = ("rlpips-cpu", "rlpips-gpu")
+
+
 def compose() -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     return doc
@@ -134,10 +140,12 @@ def test_compose_cpu_profile_and_shared_service_shape() -> None:
     services = doc["services"]
     assert services["rlpips-cpu"]["profiles"] == ["cpu"]
     assert services["rlpips-cpu"]["build"]["target"] == "cpu"
-    assert set(services) == {"rlpips-gpu", "rlpips-cpu"}
-    for name, svc in services.items():
+    assert {"rlpips-gpu", "rlpips-cpu"} <= set(services)
+    for name in REPLICAS:
+        svc = services[name]
         assert svc["build"]["target"] in stages(), name
-        assert any(p.endswith(":8000") for p in svc["ports"]), name
+        # behind the lb: the port on the compose network only, no host port (so `--scale` works)
+        assert svc["expose"] == ["8000"] and "ports" not in svc, name
         check = svc["healthcheck"]
         assert "/healthz" in " ".join(check["test"]) and check["start_period"], name
         mounts = [v for v in svc["volumes"] if isinstance(v, str)]
@@ -145,3 +153,74 @@ def test_compose_cpu_profile_and_shared_service_shape() -> None:
         weights = [v for v in svc["volumes"] if isinstance(v, dict)]
         assert weights and weights[0]["target"] == svc["environment"]["RLPIPS_WEIGHTS_DIR"]
         assert weights[0]["read_only"] is True
+
+
+# -- pinned versions -------------------------------------------------------------------------------
+
+CONSTRAINTS = ROOT / "constraints.txt"
+
+
+def constraint_pins() -> dict[str, str]:
+    """``{canonical name: version}`` of constraints.txt; every line must be an exact ``name==version``."""
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        req = Requirement(line)
+        spec = list(req.specifier)
+        assert len(spec) == 1 and spec[0].operator == "==", f"not an exact pin: {line}"
+        assert not req.marker and not req.extras, f"pin without markers or extras: {line}"
+        pins[canonicalize_name(req.name)] = spec[0].version
+    return pins
+
+
+def test_every_runtime_dependency_is_pinned_by_the_constraints() -> None:
+    """Each of pyproject's runtime dependencies has an exact pin in constraints.txt that satisfies
+    pyproject's own range, and pyproject's == pins (torch, torchvision) are the same versions."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = constraint_pins()
+    for dep in deps:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{name} is not in constraints.txt: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), (dep, pins[name])
+        exact = [s.version for s in req.specifier if s.operator == "=="]
+        assert not exact or exact == [pins[name]], (dep, pins[name])
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    # flavour-specific packages are left to each torch build's own exact pins
+    assert not [n for n in pins if n.startswith(("nvidia-", "cuda-", "triton"))]
+
+
+def test_constraints_cover_the_whole_runtime_closure() -> None:
+    """Every package the runtime dependencies pull in (as resolved in this environment) is pinned: a
+    dependency added to pyproject.toml without `make lock` fails here. Names only, so upgrading this
+    environment does not fail it."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "lock.py"), "--names"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    needed = set(run.stdout.split())
+    assert {"fastapi", "torch", "uvicorn", "starlette", "pydantic-core"} <= needed
+    missing = needed - set(constraint_pins())
+    assert not missing, f"not pinned in constraints.txt (run `make lock`): {sorted(missing)}"
+
+
+@pytest.mark.parametrize("stage", ["deps-cpu", "deps-gpu"])
+def test_images_install_under_the_constraints(stage: str) -> None:
+    """torch and torchvision from their index without dependencies, then everything (torch's
+    dependencies included) under constraints.txt, checked by `pip check`; the file is in the
+    build context."""
+    lines = stages()[stage]
+    assert any(ln.startswith("COPY") and "constraints.txt" in ln for ln in lines)
+    run = next(ln for ln in lines if ln.startswith("RUN pip install") and "torch==" in ln)
+    torch_step, deps_step, *rest = run.split("&&")
+    assert "--no-deps" in torch_step and "--index-url" in torch_step
+    assert "-c constraints.txt" in deps_step and "-r /tmp/requirements.txt" in deps_step
+    assert '"torch==${TORCH_VERSION}"' in deps_step and "--index-url" not in deps_step
+    assert rest and rest[-1].strip() == "pip check"
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "!constraints.txt" in ignore
