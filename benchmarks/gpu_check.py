@@ -149,7 +149,8 @@ def parity(device: str, sizes: tuple[int | None, ...]) -> dict[str, Any]:
     import torch
 
     from app.imaging import load_tensor
-    from app.metric.engine import Engine, Image, Query
+    from app.metric.engine import Engine
+    from app.metric.queries import Image, Query
     from app.metric.store import ModelStore
 
     store = ModelStore(weights_dir=SHARED / "weights")
@@ -198,7 +199,8 @@ def raw_throughput(
 
     from app.config import resolve_precision
     from app.imaging import load_tensor
-    from app.metric.engine import Engine, Image, Query
+    from app.metric.engine import Engine
+    from app.metric.queries import Image, Query
     from app.metric.store import ModelStore
 
     store = ModelStore(weights_dir=SHARED / "weights")

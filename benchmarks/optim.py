@@ -41,8 +41,9 @@ from torch import Tensor, nn
 
 from app.config import Settings
 from app.imaging import load_tensor
-from app.metric.engine import Engine, Image, Query
+from app.metric.engine import Engine
 from app.metric.lpips import LPIPS, Heads
+from app.metric.queries import Image, Query
 from app.metric.trunks import Trunk
 from app.serving.runtime import cpu_threads
 

@@ -28,7 +28,8 @@ import torch
 
 from app.config import Settings, pick_device, resolve_precision
 from app.imaging import load_tensor
-from app.metric.engine import Engine, Image, Query
+from app.metric.engine import Engine
+from app.metric.queries import Image, Query
 from app.serving.runtime import cpu_threads
 from benchmarks.loadgen import IMAGENET
 

@@ -16,6 +16,7 @@ from app.api.schemas import (
     RobustnessJSON,
     RobustnessOptions,
 )
+from app.metric.queries import INVARIANCES
 
 #: One example per error code that an operation can answer with: ``(message, field)``.
 ERROR_EXAMPLES: dict[str, tuple[str, str | None]] = {
@@ -84,6 +85,14 @@ def _descriptions(*models: type[BaseModel]) -> dict[str, str]:
     }
 
 
+def _invariance(descriptions: dict[str, str]) -> dict[str, Any]:
+    return {
+        "type": "array",
+        "items": {"type": "string", "enum": list(INVARIANCES)},
+        "description": descriptions["invariance"] + "; repeat the field, or comma-separate",
+    }
+
+
 _D = _descriptions(DistanceOptions)
 _R = _descriptions(RobustnessOptions)
 
@@ -117,9 +126,13 @@ DISTANCE_BODY: dict[str, Any] = {
                         "per_layer": _form_field(
                             "boolean", default=False, description=_D["per_layer"]
                         ),
+                        "invariance": _invariance(_D),
                     },
                 },
-                "encoding": {"candidate": {"style": "form", "explode": True}},
+                "encoding": {
+                    "candidate": {"style": "form", "explode": True},
+                    "invariance": {"style": "form", "explode": True},
+                },
             },
             "application/json": {
                 "schema": DistanceJSON.model_json_schema(),
@@ -172,6 +185,7 @@ ROBUSTNESS_BODY: dict[str, Any] = {
                         "return_adversarial": _form_field(
                             "boolean", description=_R["return_adversarial"]
                         ),
+                        "invariance": _invariance(_R),
                     },
                 }
             },

@@ -25,7 +25,7 @@ from app.api.schemas import (
     Timing,
 )
 from app.imaging import heatmap_png
-from app.metric.engine import Answer, Query
+from app.metric.queries import Answer, Query
 from app.serving.runtime import Runtime
 
 router = APIRouter()
@@ -73,14 +73,16 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
     opts = body.options
     model = loaded_model(rt, opts.model)
     threshold = rt.threshold(model) if opts.threshold is None else opts.threshold
-    rt.check_distance(body.counts["candidate"])  # refuse before decoding when the queue is full
+    invariance = tuple(opts.invariance)
+    work = body.counts["candidate"] * (1 + len(invariance))
+    rt.check_distance(work)  # refuse before decoding when the queue is full
     with rt.telemetry.pairs_inflight(body.counts["candidate"]):
         t_decode = time.perf_counter()
         images = await until_disconnect(
             request, rt.decode(body.images, time_left(started, rt.settings.deadline_s))
         )
         decode_s = time.perf_counter() - t_decode
-        query = Query(model, images[0], tuple(images[1:]), opts.spatial)
+        query = Query(model, images[0], tuple(images[1:]), opts.spatial, invariance)
         done = await until_disconnect(
             request, rt.distance(query, time_left(started, rt.settings.deadline_s))
         )
@@ -94,6 +96,7 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
             per_layer=done.value.per_layer[i] if opts.per_layer else None,
             spatial_png=pngs[i] if pngs else None,
             spatial_max=peaks[i] if peaks else None,
+            mirrored=done.value.mirrored[i] if done.value.mirrored else None,
         )
         for i, d in enumerate(done.value.distances)
     ]
@@ -101,6 +104,7 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
         model=model,
         resolution=[rt.resolution, rt.resolution],
         threshold=threshold,
+        invariance=list(invariance) or None,
         results=results,
         timing_ms=Timing.of(decode_s, done.queued_s, done.device_s, time.perf_counter() - started),
     )

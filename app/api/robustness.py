@@ -28,7 +28,7 @@ from app.api.schemas import (
 )
 from app.attacks.robustness import AttackSpec, ModelResult
 from app.imaging import tensor_to_png
-from app.metric.engine import Image
+from app.metric.queries import Image
 from app.metric.store import BASELINE_MODEL
 from app.serving.runtime import Runtime
 
@@ -105,12 +105,15 @@ async def robustness_check(request: Request, rt: ReadyRuntime) -> RobustnessResp
     images = await until_disconnect(request, rt.decode(body.images, time_left(started, deadline_s)))
     decode_s = time.perf_counter() - t_decode
     candidate = images[1] if len(images) > 1 else None
-    work = rt.attack(images[0], candidate, thresholds, spec, time_left(started, deadline_s))
+    invariance = tuple(opts.invariance)
+    left = time_left(started, deadline_s)
+    work = rt.attack(images[0], candidate, thresholds, spec, left, invariance)
     done = await until_disconnect(request, work)
     attacked = images[-1]  # the candidate, or the reference when there is none
     return RobustnessResponse(
         attack=AttackParams.of(spec),
         resolution=[rt.resolution, rt.resolution],
+        invariance=list(invariance) or None,
         results=await _outcomes(rt, done.value, opts.return_adversarial),
         attacked_png=await _png(rt, attacked) if opts.return_adversarial else None,
         timing_ms=Timing.of(decode_s, done.queued_s, done.device_s, time.perf_counter() - started),

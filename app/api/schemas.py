@@ -10,6 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from app.attacks.robustness import DEFAULT_STEPS, AttackSpec, ModelResult
 from app.config import comma_list
+from app.metric.queries import Invariance
 
 #: A 1x1 PNG, base64, for the examples.
 PNG_1PX = (
@@ -37,12 +38,31 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class DistanceOptions(BaseModel):
+def _names(value: object) -> object:
+    """Accept a comma-separated string, or a list of such strings (repeated multipart field). Empty
+    names are kept (and refused by the field's validation), repeats dropped."""
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list) and all(isinstance(v, str) for v in items):
+        return comma_list(items, keep_empty=True)
+    return value
+
+
+class Invariant(BaseModel):
+    """The ``invariance`` option of both endpoints."""
+
+    invariance: Annotated[list[Invariance], BeforeValidator(_names)] = Field(
+        default_factory=list,
+        description="edits the distance ignores: hflip = the minimum over the candidate and its "
+        "left-right mirror (one more trunk pass per candidate)",
+    )
+
+
+class DistanceOptions(Invariant):
     """Options shared by both encodings of ``POST /distance``."""
 
     model_config = ConfigDict(extra="forbid")
-    #: Options that a multipart body may repeat (none here).
-    REPEATABLE: ClassVar[frozenset[str]] = frozenset()
+    #: Options that a multipart body may repeat (their values are joined).
+    REPEATABLE: ClassVar[frozenset[str]] = frozenset({"invariance"})
 
     model: str | None = Field(
         None, description="model name (GET /models); default: the service's default model"
@@ -86,6 +106,9 @@ class PairResult(BaseModel):
     spatial_max: float | None = Field(
         None, ge=0, description="the per-pixel distance shown at the top of the colour scale"
     )
+    mirrored: bool | None = Field(
+        None, description="with invariance hflip: whether the candidate's mirror gave the distance"
+    )
 
 
 class Timing(BaseModel):
@@ -128,6 +151,7 @@ class DistanceResponse(BaseModel):
         min_length=2, max_length=2, description="[H, W] the images were resized to"
     )
     threshold: float
+    invariance: list[Invariance] | None = Field(None, description="as requested; absent: none")
     results: list[PairResult] = Field(description="one per candidate, in candidate order")
     timing_ms: Timing
 
@@ -160,12 +184,12 @@ class Status(BaseModel):
 # -- POST /robustness-check --------------------------------------------------------------------
 
 
-class RobustnessOptions(BaseModel):
+class RobustnessOptions(Invariant):
     """Attack options shared by both encodings (ε and step size in [0, 1] pixel units)."""
 
     model_config = ConfigDict(extra="forbid")
     #: Options that a multipart body may repeat (their values are joined).
-    REPEATABLE: ClassVar[frozenset[str]] = frozenset({"models"})
+    REPEATABLE: ClassVar[frozenset[str]] = frozenset({"models", "invariance"})
 
     models: list[str] | None = Field(
         None, description="models to attack; default: lpips-alex and the default model, once each"
@@ -198,15 +222,7 @@ class RobustnessOptions(BaseModel):
         False, description="return the adversarial and the attacked images as PNGs"
     )
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        """Accept a comma-separated string, or a list of such strings (repeated multipart field).
-        Empty names are kept (and refused as unknown models), repeats dropped."""
-        items = [value] if isinstance(value, str) else value
-        if isinstance(items, list) and all(isinstance(v, str) for v in items):
-            return comma_list(items, keep_empty=True)
-        return value
+    _split_models = field_validator("models", mode="before")(_names)
 
     def spec(self, max_steps: int) -> AttackSpec:
         """The requested attack (defaults still open: see :meth:`AttackSpec.resolved`); the default
@@ -300,6 +316,9 @@ class ModelOutcome(BaseModel):
 class RobustnessResponse(BaseModel):
     attack: AttackParams
     resolution: list[int] = Field(min_length=2, max_length=2, description="[H, W] of the images")
+    invariance: list[Invariance] | None = Field(
+        None, description="as requested (distances attacked and measured with it); absent: none"
+    )
     results: list[ModelOutcome] = Field(description="one entry per model, in request order")
     attacked_png: str | None = Field(
         None,

@@ -102,11 +102,15 @@ class LPIPSObjective:
 
     ``reference`` ``[N, 3, H, W]`` in [0, 1]; its features are computed once, without gradients. The
     other image is a batch ``[M·N, 3, H, W]`` in [0, 1], row ``m·N + n`` compared under model ``m`` with
-    reference ``n``.
+    reference ``n``. ``mirror``: distances are invariant to mirroring the other image (the minimum
+    over it and its mirror, as :mod:`app.metric.queries` computes ``hflip``).
     """
 
-    def __init__(self, metrics: LPIPS | Sequence[LPIPS], reference: Tensor) -> None:
+    def __init__(
+        self, metrics: LPIPS | Sequence[LPIPS], reference: Tensor, mirror: bool = False
+    ) -> None:
         self.metrics = [metrics] if isinstance(metrics, LPIPS) else list(metrics)
+        self.mirror = mirror
         if not self.metrics:
             raise ValueError("at least one model is needed")
         with torch.inference_mode(False), torch.no_grad():
@@ -114,7 +118,12 @@ class LPIPSObjective:
             self._ref = _grouped_features(self.metrics, tiled)
 
     def distance(self, x: Tensor) -> Tensor:
-        """``[M·N]`` distances of ``x`` ``[M·N, 3, H, W]`` (in [0, 1]) to the references."""
+        """``[M·N]`` distances of ``x`` ``[M·N, 3, H, W]`` (in [0, 1]) to the references; with
+        ``mirror`` the smaller of the distances of ``x`` and of its left-right mirror (``hflip``)."""
+        d = self._distance(x)
+        return torch.minimum(d, self._distance(x.flip(-1))) if self.mirror else d
+
+    def _distance(self, x: Tensor) -> Tensor:
         adv = _grouped_features(self.metrics, to_signed(x))
         pairs = zip(self.metrics, self._ref, adv, strict=True)
         return torch.cat([distance_from_features(m.heads, r, a).total for m, r, a in pairs])
@@ -189,6 +198,7 @@ class RobustnessJob:
     ``references`` ``[N, 3, H, W]`` in [0, 1]; ``candidates`` the same shape, or ``None`` to attack each
     reference against itself. Iterate :meth:`steps` (one yield per PGD step, so a device worker can run
     other batches in between), then call :meth:`results` (which finishes any remaining steps).
+    ``mirror``: attack (and measure) the mirror-invariant distance (``hflip``).
     """
 
     def __init__(
@@ -197,6 +207,7 @@ class RobustnessJob:
         candidates: Tensor | None,
         targets: Sequence[Target],
         spec: AttackSpec = AttackSpec(),
+        mirror: bool = False,
     ) -> None:
         if not targets:
             raise ValueError("at least one model is needed")
@@ -217,6 +228,7 @@ class RobustnessJob:
         self.references = references.detach().to(self.device, torch.float32)
         base = self.references if candidates is None else candidates.detach()
         self.candidates = base.to(self.device, torch.float32)
+        self.mirror = mirror
         self._objective: LPIPSObjective | None = None
         self._final: Tensor | None = None
         self._run = self._iterate()
@@ -229,7 +241,8 @@ class RobustnessJob:
     def _iterate(self) -> Iterator[int]:
         s = self.spec
         assert s.epsilon is not None and s.step_size is not None and s.seed is not None
-        self._objective = LPIPSObjective([t.metric for t in self.targets], self.references)
+        metrics = [t.metric for t in self.targets]
+        self._objective = LPIPSObjective(metrics, self.references, self.mirror)
         gen = torch.Generator().manual_seed(s.seed)
         self._final = self.rows
         for i, x_adv in enumerate(

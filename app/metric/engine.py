@@ -16,18 +16,17 @@ copy and its results come back as one copy.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from app.metric.lpips import LPIPS, DistanceResult, Heads, distance_from_features, normalize
+from app.metric.queries import Answer, Image, Query, collapse, expand
 from app.metric.store import ModelStore
 from app.metric.trunks import Trunk
 
@@ -39,42 +38,6 @@ CacheKey = tuple[str, str, tuple[int, int]]  # (content hash, trunk file id, (H,
 
 #: Compute dtypes a trunk may run in for distances (autocast below float32).
 TRUNK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def content_key(data: bytes) -> str:
-    """A 128-bit content hash of encoded image bytes (the cache key's first part)."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-@dataclass(frozen=True)
-class Image:
-    """A decoded image ready for the device: ``tensor`` ``[3, H, W]`` float32 in ``[-1, 1]`` (CPU)."""
-
-    tensor: Tensor
-    key: str
-
-
-@dataclass(frozen=True)
-class Query:
-    """One request's work: ``reference`` against each of ``candidates`` with model ``model``."""
-
-    model: str
-    reference: Image
-    candidates: tuple[Image, ...]
-    spatial: bool = False
-
-    @property
-    def pairs(self) -> int:
-        return len(self.candidates)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """Per candidate: ``distances`` (≥ 0), ``per_layer`` (L values each), ``spatial`` ``[1, H, W]`` maps."""
-
-    distances: list[float]
-    per_layer: list[list[float]]
-    spatial: list[Tensor] | None = None
 
 
 class EngineObserver(Protocol):
@@ -198,7 +161,13 @@ class Engine:
         return answers
 
     def compute(self, queries: Sequence[Query], use_cache: bool = True) -> list[Answer]:
-        """Distances for every query; one trunk pass per distinct (uncached) image per trunk."""
+        """Distances for every query; one trunk pass per distinct (uncached) image per trunk (a
+        query's invariances add their variants of the candidates: :mod:`app.metric.queries`)."""
+        plain = [expand(q) for q in queries]
+        answers = self._compute(plain, use_cache)
+        return [collapse(q, a) for q, a in zip(queries, answers, strict=True)]
+
+    def _compute(self, queries: Sequence[Query], use_cache: bool) -> list[Answer]:
         for q in queries:
             if q.model not in self.heads:
                 raise KeyError(f"model {q.model!r} is not loaded")

@@ -31,7 +31,8 @@ from app.imaging import (
     load_tensor,
     to_unit,
 )
-from app.metric.engine import Answer, Engine, FeatureCache, Image, Query, content_key
+from app.metric.engine import Engine, FeatureCache
+from app.metric.queries import Answer, Image, Invariance, Query, content_key
 from app.metric.store import BASELINE_MODEL, ModelStore
 from app.serving.batching import Completed, MicroBatcher
 from app.serving.decoding import DecodeScheduler
@@ -95,13 +96,14 @@ def _attack_job(
     candidate: Image | None,
     thresholds: dict[str, float],
     spec: AttackSpec,
+    mirror: bool,
 ) -> Generator[None, None, list[ModelResult]]:
     """The step job of one robustness check. Every line runs on the device thread: the first
     ``next()`` builds the targets and moves the images to the device, each later one is a PGD step;
     the job's value is one result per model, in ``thresholds`` order."""
     targets = [Target(n, engine.metric(n), t) for n, t in thresholds.items()]
     cand = None if candidate is None else to_unit(candidate.tensor[None])
-    job = RobustnessJob(to_unit(reference.tensor[None]), cand, targets, spec)
+    job = RobustnessJob(to_unit(reference.tensor[None]), cand, targets, spec, mirror)
     for _ in job.steps():
         yield
     return job.results()[0]
@@ -255,7 +257,7 @@ class Runtime:
     async def distance(self, query: Query, timeout_s: float) -> Completed[Answer]:
         """Score ``query`` in a micro-batch on the device (admission, deadline and cancellation as in
         :meth:`MicroBatcher.submit`)."""
-        return await self.batcher.submit(query, query.pairs, timeout_s)
+        return await self.batcher.submit(query, query.work, timeout_s)
 
     async def attack(
         self,
@@ -264,11 +266,14 @@ class Runtime:
         thresholds: dict[str, float],
         spec: AttackSpec,
         timeout_s: float,
+        invariance: tuple[Invariance, ...] = (),
     ) -> Completed[list[ModelResult]]:
         """Attack ``candidate`` (or the reference itself) under each model of ``thresholds`` (name →
         near-duplicate threshold) as a step job: built and run on the device thread, one PGD step per
-        turn so distance batches go first. ``spec`` must be resolved (every default filled)."""
-        job = _attack_job(self.engine, reference, candidate, thresholds, spec)
+        turn so distance batches go first. ``spec`` must be resolved (every default filled);
+        ``invariance`` as in :class:`Query` (the attacked distance is the invariant one)."""
+        mirror = "hflip" in invariance
+        job = _attack_job(self.engine, reference, candidate, thresholds, spec, mirror)
         return await self.jobs.run(job, timeout_s)
 
     async def run_cpu(self, fn: Callable[[], R]) -> R:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.metric.engine import Query
+from app.metric.queries import Query
 from tests.support.apiutil import hold_device, multipart, runtime, serve, tiny_settings, until
 from tests.support.badinputs import gradient, jpeg, png_of
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.metric.engine import Query
+from app.metric.queries import Query
 from tests.support.apiutil import (
     call_then_disconnect,
     hold_device,

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from PIL import Image, ImageOps
 from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
 
 from tests.support import IMAGENET
@@ -189,3 +190,29 @@ def test_narrow_screen_and_keyboard(page: Page, server: Server) -> None:
         reached.append(page.evaluate("document.activeElement.id"))
     for control in ("reference", "candidates", "compare", "attack-target", "attack"):
         assert control in reached, f"#{control} cannot be reached with Tab: {reached}"
+
+
+def test_mirror_invariance_from_the_page(page: Page, server: Server, tmp_path: Path) -> None:
+    _sign_in_and_choose(page, server)
+    flipped = tmp_path / "mirror.png"
+    ImageOps.mirror(Image.open(IMAGES[0])).save(flipped)
+    page.set_input_files("#candidates", str(flipped))
+    page.check("#hflip")
+    page.click("#compare")
+    block = page.locator('.model-block[data-model="lpips-alex"]')
+    expect(block.locator(".distance")).to_have_count(1, timeout=60_000)
+    r = httpx.post(
+        f"{server.url}/distance",
+        files=[
+            ("reference", ("r.jpg", IMAGES[0].read_bytes())),
+            ("candidate", ("m.png", flipped.read_bytes())),
+        ],
+        data={"model": "lpips-alex", "invariance": "hflip"},
+        headers={"X-API-Key": KEY},
+        timeout=60,
+    )
+    expected = r.json()["results"][0]
+    assert expected["mirrored"] is True
+    shown = float(block.locator(".distance").get_attribute("data-value") or "nan")
+    assert shown == pytest.approx(expected["distance"], rel=1e-5, abs=1e-7)
+    expect(block.locator(".verdict.mirrored")).to_have_text("its mirror matched")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from app.imaging import load_tensor
-from app.metric.engine import Engine, FeatureCache, Image, Query, content_key
+from app.metric.engine import Engine, FeatureCache
+from app.metric.queries import Image, Query, content_key
 from app.metric.store import ModelStore
 
 RES = 64

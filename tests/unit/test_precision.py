@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from app.config import Settings, resolve_precision
 from app.imaging import load_tensor
-from app.metric.engine import Engine, Image, Query, content_key
+from app.metric.engine import Engine
 from app.metric.lpips import normalize
+from app.metric.queries import Image, Query, content_key
 from app.metric.store import ModelStore
 from app.serving.runtime import Runtime
 from app.telemetry import Telemetry

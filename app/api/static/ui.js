@@ -164,7 +164,8 @@ function card(index, file, result, threshold) {
       el("span", { class: "distance", "data-value": String(result.distance), text: fmt(result.distance) }),
       " ",
       el("span", { class: `verdict ${same ? "same" : "different"}`,
-        text: same ? `near duplicate (≤ ${fmt(threshold)})` : `different (> ${fmt(threshold)})` })),
+        text: same ? `near duplicate (≤ ${fmt(threshold)})` : `different (> ${fmt(threshold)})` }),
+      result.mirrored ? el("span", { class: "verdict mirrored", text: "its mirror matched" }) : null),
     result.per_layer ? layerBars(result.per_layer) : null);
 }
 
@@ -176,6 +177,7 @@ async function compareWith(model, reference, candidates) {
   form.append("spatial", "true");
   form.append("spatial_scale", "shared");
   form.append("per_layer", "true");
+  if ($("hflip").checked) form.append("invariance", "hflip");
   const answer = await api("distance", { method: "POST", body: form });
   const top = answer.results.length ? answer.results[0].spatial_max : 0;
   return el("div", { class: "model-block", "data-model": model },
@@ -313,6 +315,7 @@ async function attack(event) {
   form.append("steps", $("attack-steps").value);
   form.append("goal", $("attack-goal").value);
   form.append("return_adversarial", "true");
+  if ($("hflip").checked) form.append("invariance", "hflip");
   const button = $("attack");
   button.disabled = true;
   $("attack-status").textContent = "Attacking… (one model after another; this can take a while)";
