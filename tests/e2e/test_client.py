@@ -77,6 +77,30 @@ async def test_async_distance_equals_a_hand_written_request(server: Server) -> N
     assert all(r.spatial_png is not None and r.spatial_png[:4] == b"\x89PNG" for r in res.results)
 
 
+def test_invariance_and_shared_heat_map_scale(server: Server, tmp_path: Path) -> None:
+    from PIL import Image, ImageOps
+
+    mirror = tmp_path / "mirror.png"
+    ImageOps.mirror(Image.open(FILES[0])).save(mirror)
+    with Client(server.url, api_key=KEY) as client:
+        flipped = client.distance(FILES[0], [mirror, FILES[1]], invariance=["hflip"])
+        shared = client.distance(FILES[0], FILES[1:3], spatial=True, spatial_scale="shared")
+        attacked = client.robustness_check(
+            FILES[0],
+            mirror,
+            models=["lpips-alex"],
+            steps=1,
+            invariance=["hflip"],
+            return_adversarial=True,
+        )
+    assert flipped.results[0].mirrored is True
+    assert flipped.distances[0] < 0.02 < flipped.distances[1]
+    tops = {r.spatial_max for r in shared.results}
+    assert len(tops) == 1 and next(iter(tops)) is not None
+    assert attacked.results[0].clean_distance < 0.02
+    assert attacked.attacked_png is not None and attacked.attacked_png[:4] == b"\x89PNG"
+
+
 def test_robustness_check_with_few_steps(server: Server) -> None:
     with Client(server.url, api_key=KEY) as client:
         res = client.robustness_check(

@@ -66,20 +66,26 @@ class AsyncClient:
         threshold: float | None = None,
         *,
         spatial: bool = False,
+        spatial_scale: Literal["pair", "shared"] | None = None,
         per_layer: bool = False,
+        invariance: Sequence[Literal["hflip"]] | None = None,
     ) -> DistanceResult:
         """Distances from ``reference`` to each of ``candidates`` (one image or a sequence).
 
         ``model``: a name from :meth:`models` (default: the service's); ``threshold``: the
         near-duplicate threshold (default: the model's); ``spatial``: heat maps
-        (``PairResult.spatial_png``); ``per_layer``: per-layer distances."""
+        (``PairResult.spatial_png``), each scaled to its own peak or, with ``spatial_scale="shared"``,
+        to the request's largest (``PairResult.spatial_max``); ``per_layer``: per-layer distances;
+        ``invariance=["hflip"]``: the distance ignores mirroring (``PairResult.mirrored``)."""
         call = distance_call(
             reference,
             candidates,
             model=model,
             threshold=threshold,
             spatial=spatial or None,
+            spatial_scale=spatial_scale,
             per_layer=per_layer or None,
+            invariance=invariance or None,
         )
         return DistanceResult.from_json(await self._json(call))
 
@@ -98,6 +104,7 @@ class AsyncClient:
         seed: int | None = None,
         threshold: float | None = None,
         return_adversarial: bool = False,
+        invariance: Sequence[Literal["hflip"]] | None = None,
     ) -> RobustnessResult:
         """White-box PGD within an ε-ball against each model: how far does the distance move?
 
@@ -116,6 +123,7 @@ class AsyncClient:
             seed=seed,
             threshold=threshold,
             return_adversarial=return_adversarial or None,
+            invariance=invariance or None,
         )
         return RobustnessResult.from_json(await self._json(call))
 

@@ -56,7 +56,7 @@ def _options(**options: str | float | bool | Sequence[str] | None) -> dict[str, 
 def distance_call(
     reference: ImageInput,
     candidates: ImageInput | Sequence[ImageInput],
-    **options: str | float | bool | None,
+    **options: str | float | bool | Sequence[str] | None,
 ) -> Call:
     """``POST /distance`` as multipart: file ``reference``, one file ``candidate`` per candidate."""
     many = as_list(candidates)

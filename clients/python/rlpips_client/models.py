@@ -47,14 +47,21 @@ class PairResult:
     near_duplicate: bool
     per_layer: tuple[float, ...] | None = None
     spatial_png: bytes | None = None
+    #: The per-pixel distance at the top of the heat map's colour scale.
+    spatial_max: float | None = None
+    #: With ``invariance=["hflip"]``: whether the candidate's mirror gave the distance.
+    mirrored: bool | None = None
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PairResult:
+        top, mirrored = raw.get("spatial_max"), raw.get("mirrored")
         return cls(
             float(raw["distance"]),
             bool(raw["near_duplicate"]),
             _floats(raw.get("per_layer")),
             _png(raw.get("spatial_png")),
+            None if top is None else float(top),
+            None if mirrored is None else bool(mirrored),
         )
 
 
@@ -150,6 +157,8 @@ class RobustnessResult:
     results: tuple[ModelOutcome, ...]
     timing_ms: Timing
     raw: dict[str, Any] = field(repr=False, compare=False)
+    #: With ``return_adversarial``: the attacked image as the models saw it (PNG bytes).
+    attacked_png: bytes | None = None
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> RobustnessResult:
@@ -159,6 +168,7 @@ class RobustnessResult:
             tuple(ModelOutcome.from_json(r) for r in raw["results"]),
             Timing.from_json(raw["timing_ms"]),
             raw,
+            _png(raw.get("attacked_png")),
         )
 
 
