@@ -142,6 +142,21 @@ class Settings(BaseSettings):
         True,
         description="/, /ui, /docs and their static assets need no API key (they hold no data)",
     )
+    data_dir: Path = Field(
+        Path("data"),
+        description="where the known-items banks live (SQLite file banks.sqlite3); relative paths "
+        "are taken from the working directory",
+    )
+    bank_grid: int = Field(
+        1, ge=1, le=8, description="grid of the banks' lower-bound embedding (cells per side)"
+    )
+    bank_max_items: int = Field(32, ge=1, description="items per POST /banks/{bank}/items")
+    bank_max_checked: int = Field(
+        16,
+        ge=1,
+        description="default cap on items whose exact distance one search computes (lowest "
+        "lower bounds first); a search over more survivors says complete=false",
+    )
     max_batch_failures: int = Field(
         3, ge=1, description="consecutive failed device batches before /readyz turns 503"
     )

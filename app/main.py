@@ -8,6 +8,7 @@ working resolution, starts the micro-batcher, and on shutdown drains queued work
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,9 +18,11 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Route
 
-from app.api import distance, errors, openapi, pages, probes, robustness
+from app.api import banks, distance, errors, openapi, pages, probes, robustness
 from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
 from app.api.middleware import DrainMiddleware, MetricsMiddleware, RequestBodyMiddleware
+from app.bank.service import BankService
+from app.bank.storage import SqliteFaissStorage
 from app.config import Settings
 from app.serving.runtime import Runtime, configured_models
 from app.telemetry import Telemetry
@@ -50,12 +53,21 @@ A page to try the metric is at [/ui](ui). With API keys configured, send one as 
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = Runtime(app.state.settings, app.state.store, app.state.telemetry)
     app.state.runtime = runtime
+    app.state.banks = None
+    storage: SqliteFaissStorage | None = None
     try:
         await runtime.start()
+        storage = await asyncio.to_thread(SqliteFaissStorage, app.state.settings.data_dir)
+        app.state.banks = BankService(runtime, storage, app.state.settings.bank_grid)
+        for name in storage.names():
+            info = storage.info(name)
+            app.state.telemetry.bank_size(name, info.items if info else None)
         log.info("ready: serving %s (default %s)", ", ".join(runtime.models), runtime.default_model)
         yield
     finally:
         await runtime.stop()
+        if storage is not None:
+            storage.close()
         log.info("stopped")
 
 
@@ -78,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.telemetry = Telemetry(version=_version())
     app.state.runtime = None
     openapi.install(app, settings, models)
-    routers = [m.router for m in (distance, robustness, probes, pages)]
+    routers = [m.router for m in (distance, robustness, banks, probes, pages)]
     for router in routers:
         app.include_router(router)
     paths = {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}

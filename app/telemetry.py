@@ -9,6 +9,7 @@ The full list, with meanings, is in the README ("Metrics").
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -124,6 +125,25 @@ class Telemetry:
             "distances returned by /distance, by model (to watch drift)",
             ["model"],
             buckets=DISTANCE_BUCKETS,
+            registry=r,
+        )
+
+        self.bank_items = Gauge(
+            "rlpips_bank_items", "items per known-items bank", ["bank"], registry=r
+        )
+        self.bank_searches = Counter(
+            "rlpips_bank_searches", "bank searches answered, by bank", ["bank"], registry=r
+        )
+        self.bank_checked = Histogram(
+            "rlpips_bank_checked",
+            "items given the exact distance per bank search",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+            registry=r,
+        )
+        self.bank_search_duration = Histogram(
+            "rlpips_bank_search_duration_seconds",
+            "bank search latency (decode to answer)",
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
 
@@ -261,3 +281,16 @@ class Telemetry:
 
     def pairs_done(self, model: str, pairs: int) -> None:
         self.pairs.labels(model=model).inc(pairs)
+
+    def bank_size(self, bank: str, items: int | None) -> None:
+        """Set the items gauge of ``bank`` (``None``: the bank is gone, drop its series)."""
+        if items is None:
+            with contextlib.suppress(KeyError):
+                self.bank_items.remove(bank)
+        else:
+            self.bank_items.labels(bank=bank).set(items)
+
+    def bank_searched(self, bank: str, checked: int, seconds: float) -> None:
+        self.bank_searches.labels(bank=bank).inc()
+        self.bank_checked.observe(checked)
+        self.bank_search_duration.observe(seconds)

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from app.api.banks_schemas import ID_PATTERN, ItemsJSON, SearchJSON, SearchOptions
 from app.api.errors import STATUS
 from app.api.schemas import (
     PNG_1PX,
@@ -31,6 +32,8 @@ ERROR_EXAMPLES: dict[str, tuple[str, str | None]] = {
     "image_too_large": ("image is 9000x9000 = 81000000 pixels, over the limit", "reference"),
     "unsupported_media_type": ("use multipart/form-data or application/json", None),
     "headers_too_large": ("the request headers are over 65536 bytes", None),
+    "not_found": ("there is no bank 'known-items'", "bank"),
+    "conflict": ("bank 'known-items' exists with model 'lpips-alex' and threshold 0.3", "bank"),
     "validation_error": ("threshold: Input should be greater than or equal to 0", "threshold"),
     "overloaded": ("admission queue full (256 of 256 queued); see Retry-After", None),
     "internal_error": ("an internal error occurred; quote error_id 3f2c… to the operator", None),
@@ -41,7 +44,7 @@ ERROR_EXAMPLES: dict[str, tuple[str, str | None]] = {
 
 #: Codes that no operation answers with, described in the API's description instead: unknown paths
 #: and methods, and a client that went away (logged and counted, never received).
-UNDOCUMENTED_CODES = frozenset({"not_found", "method_not_allowed", "client_closed_request"})
+UNDOCUMENTED_CODES = frozenset({"method_not_allowed", "client_closed_request"})
 
 
 def _example(code: str) -> dict[str, Any]:
@@ -69,6 +72,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 #: Documented error responses of the POST endpoints.
 ERROR_RESPONSES = error_responses(400, 401, 408, 413, 415, 422, 429, 431, 500, 503, 504)
+#: Documented error responses of the bank endpoints.
+BANK_ERRORS = error_responses(400, 401, 404, 408, 409, 413, 415, 422, 429, 431, 500, 503, 504)
 
 
 def _form_field(kind: str, **schema: Any) -> dict[str, Any]:
@@ -192,6 +197,74 @@ ROBUSTNESS_BODY: dict[str, Any] = {
             "application/json": {
                 "schema": RobustnessJSON.model_json_schema(),
                 "example": {"reference": PNG_1PX, "steps": 10, "seed": 0},
+            },
+        },
+    }
+}
+
+
+_S = _descriptions(SearchOptions)
+
+#: ``POST /banks/{bank}/items`` request body in both encodings.
+ITEMS_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "id"],
+                    "properties": {
+                        "image": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "item image files: repeat the field for several",
+                        },
+                        "id": {
+                            "type": "array",
+                            "items": {"type": "string", "pattern": ID_PATTERN},
+                            "description": "one id per image file, in the same order",
+                        },
+                    },
+                },
+                "encoding": {
+                    "image": {"style": "form", "explode": True},
+                    "id": {"style": "form", "explode": True},
+                },
+            },
+            "application/json": {
+                "schema": ItemsJSON.model_json_schema(),
+                "example": {"items": [{"id": "a1", "image": PNG_1PX}]},
+            },
+        },
+    }
+}
+
+#: ``POST /banks/{bank}/search`` request body in both encodings.
+SEARCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": _form_field(
+                            "string", format="binary", description="the image to look up"
+                        ),
+                        "threshold": _form_field("number", minimum=0, description=_S["threshold"]),
+                        "limit": _form_field("integer", minimum=1, description=_S["limit"]),
+                        "max_checked": _form_field(
+                            "integer", minimum=1, description=_S["max_checked"]
+                        ),
+                        "mirror": _form_field("boolean", default=False, description=_S["mirror"]),
+                    },
+                }
+            },
+            "application/json": {
+                "schema": SearchJSON.model_json_schema(),
+                "example": {"image": PNG_1PX, "limit": 5},
             },
         },
     }

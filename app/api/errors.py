@@ -36,6 +36,7 @@ STATUS: dict[str, int] = {
     "request_timeout": 408,
     "not_found": 404,
     "method_not_allowed": 405,
+    "conflict": 409,
     "payload_too_large": 413,
     "image_too_large": 413,
     "unsupported_media_type": 415,

@@ -160,6 +160,20 @@ class Engine:
                 self.observer.pairs_done(q.model, q.pairs)
         return answers
 
+    def image_features(self, model: str, images: Sequence[Image], cache: bool = False) -> Features:
+        """Normalised float32 features (``[N, C_l, H_l, W_l]`` per layer, on the device) of ``images``
+        with ``model``'s trunk, as :meth:`compute` makes them (call on the device thread). ``cache``:
+        also keep each image's features in the reference cache, so that a :meth:`compute` with it as
+        reference skips its trunk pass (the bank's exact stage after its embedding)."""
+        trunk_id = self.trunk_of[model]
+        with torch.inference_mode():
+            feats = self._features(trunk_id, [i.tensor for i in images])
+            if cache:
+                for r, img in enumerate(images):
+                    key = self._cache_key(img, trunk_id)
+                    self.cache.put(key, [f[r : r + 1].clone() for f in feats])
+        return feats
+
     def compute(self, queries: Sequence[Query], use_cache: bool = True) -> list[Answer]:
         """Distances for every query; one trunk pass per distinct (uncached) image per trunk (a
         query's invariances add their variants of the candidates: :mod:`app.metric.queries`)."""

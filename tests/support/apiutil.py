@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +28,8 @@ from tests.support import IMAGENET
 #: default model (pass ``default_model=None`` for the store's default).
 BASE: dict[str, Any] = {
     "default_model": "lpips-alex",
+    # banks of tests that do not pass their own data_dir: a per-process scratch folder, not ./data
+    "data_dir": Path(tempfile.gettempdir()) / f"rlpips-test-data-{os.getpid()}",
     "resolution": 64,
     "max_wait_ms": 20,
     "models": ["lpips-alex"],

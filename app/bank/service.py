@@ -1,0 +1,237 @@
+"""The bank pipeline on the serving runtime (no HTTP): create / info / drop banks, add / remove items,
+search.
+
+Adding: decode + resize (decode pool) → features and embeddings (device thread, step lane, so
+distance batches go first) → lossless PNG of the resized image + one SQLite transaction (a worker
+thread) → the in-memory index. Searching: decode → query features (device thread; cached as a
+reference) → range search with radius = threshold in the lower-bound embedding (:mod:`.embedding`:
+no true match is dismissed) → the survivors with the lowest bounds, at most ``max_checked``, get the
+exact distance through :meth:`Engine.compute`, the code path of ``/distance`` (query = reference,
+items = candidates). ``complete`` says every survivor was checked, i.e. the answer is exactly the
+brute-force one.
+
+Mirror option: the query and its left-right mirror both search, and an item's distance is
+``min(d(q, item), d(flip q, item))`` — by the symmetry of LPIPS, what ``/distance`` answers with the
+item as reference, the query as candidate and ``invariance: ["hflip"]``. No second index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from app.bank.embedding import embed, radius
+from app.bank.storage import (
+    Added,
+    BankInfo,
+    BankNotFound,
+    BankSpec,
+    BankStorage,
+    NewItem,
+    Vectors,
+)
+from app.imaging import load_tensor, tensor_to_png
+from app.metric.queries import Image, Query, content_key, mirror
+from app.serving.runtime import Runtime
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+#: Items per exact-stage engine call (one trunk pass for each).
+EXACT_CHUNK = 64
+
+
+class BankConflict(Exception):
+    """The bank exists with other settings, or was built at another working resolution."""
+
+
+@dataclass(frozen=True)
+class Match:
+    id: str
+    distance: float
+    near_duplicate: bool
+    mirrored: bool = False
+
+
+@dataclass
+class SearchResult:
+    """Matches under the threshold in increasing distance; ``candidates``: items the lower bound kept;
+    ``checked``: those given the exact distance; ``timing_ms`` per stage."""
+
+    matches: list[Match]
+    candidates: int
+    checked: int
+    threshold: float
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.checked == self.candidates
+
+
+class BankService:
+    """Banks on ``storage``, computed with ``runtime``'s engine at its working resolution."""
+
+    def __init__(self, runtime: Runtime, storage: BankStorage, grid: int) -> None:
+        self.rt = runtime
+        self.storage = storage
+        self.grid = grid
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def _device(self, fn: Callable[[], R], lane: str = "batch") -> R:
+        future = self.rt.worker.submit(fn, lane="step" if lane == "step" else "batch")
+        return await asyncio.wrap_future(future)
+
+    def spec(self, name: str) -> BankSpec:
+        info = self.storage.info(name)
+        if info is None:
+            raise BankNotFound(name)
+        if info.spec.resolution != self.rt.resolution:
+            raise BankConflict(
+                f"bank {name!r} was built at resolution {info.spec.resolution}; this service "
+                f"works at {self.rt.resolution}"
+            )
+        return info.spec
+
+    def _embed(self, model: str, grid: int, images: Sequence[Image], cache: bool) -> Vectors:
+        """Device thread: embeddings ``[N, D]`` float32 (host) of ``images``."""
+        engine = self.rt.engine
+        feats = engine.image_features(model, images, cache=cache)
+        with torch.inference_mode():
+            e = embed(engine.heads[model], feats, grid)
+        return np.ascontiguousarray(e.cpu().numpy(), dtype=np.float32)
+
+    # -- banks ---------------------------------------------------------------------------------
+
+    async def create(self, name: str, model: str, threshold: float | None) -> tuple[BankInfo, bool]:
+        """Create bank ``name`` (threshold default: the model's); an existing bank with the same
+        settings is answered as it is (``created`` false), with others :class:`BankConflict`."""
+        thr = self.rt.threshold(model) if threshold is None else threshold
+        r = self.rt.resolution
+        probe = Image(torch.zeros(3, r, r), "bank-dimension-probe")
+        dim = int(
+            (await self._device(lambda: self._embed(model, self.grid, [probe], False))).shape[1]
+        )
+        spec = BankSpec(name, model, float(thr), self.grid, r, dim)
+        have, created = await asyncio.to_thread(self.storage.create, spec)
+        if not created and (have.model, have.threshold) != (spec.model, spec.threshold):
+            raise BankConflict(
+                f"bank {name!r} exists with model {have.model!r} and threshold {have.threshold}"
+            )
+        info = self.storage.info(name)
+        assert info is not None
+        return info, created
+
+    def info(self, name: str) -> BankInfo:
+        info = self.storage.info(name)
+        if info is None:
+            raise BankNotFound(name)
+        return info
+
+    async def drop(self, name: str) -> None:
+        if not await asyncio.to_thread(self.storage.drop, name):
+            raise BankNotFound(name)
+
+    # -- items ---------------------------------------------------------------------------------
+
+    async def add(
+        self, name: str, ids: Sequence[str], images: Sequence[Image]
+    ) -> tuple[list[Added], dict[str, float]]:
+        """Store decoded ``images`` under ``ids`` (acknowledged once committed); per-stage ms."""
+        spec = self.spec(name)
+        t0 = time.perf_counter()
+        vecs = await self._device(
+            lambda: self._embed(spec.model, spec.grid, images, False), lane="step"
+        )
+        t1 = time.perf_counter()
+
+        def store() -> list[Added]:
+            pngs = [tensor_to_png(im.tensor) for im in images]
+            items = [
+                NewItem(i, content_key(p), v, p) for i, p, v in zip(ids, pngs, vecs, strict=True)
+            ]
+            return self.storage.upsert(name, items)
+
+        statuses = await self.rt.run_cpu(store)
+        t2 = time.perf_counter()
+        info = self.storage.info(name)
+        if info is not None:
+            self.rt.telemetry.bank_size(name, info.items)
+        return statuses, {"embed": (t1 - t0) * 1e3, "store": (t2 - t1) * 1e3}
+
+    async def remove(self, name: str, item_id: str) -> bool:
+        self.spec(name)
+        removed = await asyncio.to_thread(self.storage.remove, name, item_id)
+        info = self.storage.info(name)
+        if info is not None:
+            self.rt.telemetry.bank_size(name, info.items)
+        return removed
+
+    # -- search --------------------------------------------------------------------------------
+
+    async def search(
+        self,
+        name: str,
+        query: Image,
+        threshold: float | None,
+        limit: int,
+        max_checked: int,
+        mirrored: bool = False,
+    ) -> SearchResult:
+        """Items within ``threshold`` (default: the bank's) of ``query``, nearest first, at most
+        ``limit``; the exact distance for at most ``max_checked`` survivors of the lower bound."""
+        spec = self.spec(name)
+        thr = spec.threshold if threshold is None else threshold
+        variants = [query, mirror(query)] if mirrored else [query]
+        t0 = time.perf_counter()
+        vecs = await self._device(lambda: self._embed(spec.model, spec.grid, variants, True))
+        t1 = time.perf_counter()
+        found = await asyncio.to_thread(self.storage.candidates, name, vecs, radius(thr))
+        chosen = [i for i, _ in found[:max_checked]]
+        pngs = await asyncio.to_thread(self.storage.images, name, chosen)
+        r = spec.resolution
+        items = await self.rt.run_cpu(
+            lambda: [
+                Image(load_tensor(pngs[i], r), f"bank:{content_key(pngs[i])}")
+                for i in chosen
+                if i in pngs
+            ]
+        )
+        kept = [i for i in chosen if i in pngs]
+        t2 = time.perf_counter()
+        dist = await self._device(lambda: self._exact(spec.model, variants, items))
+        t3 = time.perf_counter()
+        matches = []
+        for item_id, (d, m) in zip(kept, dist, strict=True):
+            if d <= thr:
+                matches.append(Match(item_id, d, True, m))
+        matches.sort(key=lambda x: x.distance)
+        timing = {
+            "embed": (t1 - t0) * 1e3,
+            "index": (t2 - t1) * 1e3,
+            "exact": (t3 - t2) * 1e3,
+        }
+        return SearchResult(matches[:limit], len(found), len(kept), thr, timing)
+
+    def _exact(
+        self, model: str, variants: list[Image], items: list[Image]
+    ) -> list[tuple[float, bool]]:
+        """Device thread: per item ``(distance, mirrored)``: the smallest over the query variants,
+        each computed as ``/distance`` computes a pair (query as reference, items as candidates)."""
+        out: list[tuple[float, bool]] = []
+        for s in range(0, len(items), EXACT_CHUNK):
+            chunk = tuple(items[s : s + EXACT_CHUNK])
+            answers = self.rt.engine.compute([Query(model, v, chunk) for v in variants])
+            for k in range(len(chunk)):
+                ds = [a.distances[k] for a in answers]
+                best = int(np.argmin(ds))
+                out.append((float(ds[best]), best == 1))
+        return out

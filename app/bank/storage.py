@@ -1,0 +1,378 @@
+"""Durable bank storage: SQLite rows (banks, items, embeddings, item images) + in-memory FAISS indexes.
+
+One SQLite file ``<data_dir>/banks.sqlite3`` in WAL mode with ``synchronous=FULL``: every change is
+one transaction, committed before it is acknowledged, so a killed process loses nothing it answered
+for. Each bank's embeddings live in an in-memory FAISS ``IndexIDMap2(IndexFlatL2)`` keyed by the item's
+row number, rebuilt from SQLite when the store opens; the index is changed only after the commit and
+under a lock (searches take the same lock only for the range search itself, so an insert never waits
+for a search's exact stage, and readers on their own SQLite connections never wait for writers).
+
+Per item: the embedding (``4·D`` bytes; D = 1,152 for AlexNet at grid 1) and the item as the service
+decoded and resized it, as a lossless 8-bit PNG (the exact stage re-runs the trunk on it: bit-equal
+input to what ``/distance`` computes from the original upload).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+Vectors = npt.NDArray[np.float32]  # [N, D] embeddings
+Added = Literal["added", "replaced", "unchanged"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS banks (
+    name TEXT PRIMARY KEY, model TEXT NOT NULL, threshold REAL NOT NULL, grid INTEGER NOT NULL,
+    resolution INTEGER NOT NULL, dim INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, bank TEXT NOT NULL, id TEXT NOT NULL,
+    digest TEXT NOT NULL, embedding BLOB NOT NULL, added REAL NOT NULL, UNIQUE (bank, id));
+CREATE TABLE IF NOT EXISTS images (seq INTEGER PRIMARY KEY, png BLOB NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """A bank's settings, fixed at creation: the model, the near-duplicate threshold, the embedding
+    grid, the working resolution its images were stored at, and the embedding length."""
+
+    name: str
+    model: str
+    threshold: float
+    grid: int
+    resolution: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class BankInfo:
+    """A bank's settings with its item count and stored bytes (embeddings + images)."""
+
+    spec: BankSpec
+    items: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item to store: caller's ``id``, content ``digest`` of the resized image, ``embedding`` ``[D]``
+    float32 and ``png`` (the resized image, lossless)."""
+
+    id: str
+    digest: str
+    embedding: Vectors
+    png: bytes
+
+
+class BankStorage(Protocol):
+    """What the bank service needs of a storage engine (SQLite + FAISS here, Milvus beside it)."""
+
+    def create(self, spec: BankSpec) -> tuple[BankSpec, bool]: ...
+    def info(self, name: str) -> BankInfo | None: ...
+    def drop(self, name: str) -> bool: ...
+    def upsert(self, name: str, items: Sequence[NewItem]) -> list[Added]: ...
+    def remove(self, name: str, item_id: str) -> bool: ...
+    def candidates(self, name: str, queries: Vectors, radius: float) -> list[tuple[str, float]]: ...
+    def images(self, name: str, ids: Sequence[str]) -> dict[str, bytes]: ...
+    def close(self) -> None: ...
+
+
+class BankNotFound(KeyError):
+    """No bank of that name."""
+
+
+@dataclass
+class _Live:
+    """A bank's in-memory state: its index, row → item id, and counters."""
+
+    spec: BankSpec
+    index: faiss.IndexIDMap2
+    ids: dict[int, str]
+    seq_of: dict[str, int]
+    bytes: int
+
+
+class SqliteFaissStorage:
+    """The embedded default (see the module docstring); thread-safe."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "banks.sqlite3"
+        self._local = threading.local()
+        self._write = threading.Lock()  # one writer: SQLite transaction + index update
+        self._index_lock = threading.Lock()  # FAISS indexes and the live maps
+        self._conns: list[sqlite3.Connection] = []
+        self._db().executescript(SCHEMA)
+        t0 = time.perf_counter()
+        self._live: dict[str, _Live] = {}
+        for spec in self._specs():
+            self._live[spec.name] = self._load(spec)
+        log.info(
+            "bank storage %s: %d banks, %d items, indexes rebuilt in %.2f s",
+            self.path,
+            len(self._live),
+            sum(len(b.ids) for b in self._live.values()),
+            time.perf_counter() - t0,
+        )
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection (WAL: readers never wait for the writer)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=10000")
+            self._local.db = db
+            self._conns.append(db)
+        return db
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        """A transaction on this thread's connection: committed on success, rolled back on error."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        for db in self._conns:
+            db.close()
+        self._conns.clear()
+        self._local = threading.local()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _specs(self) -> list[BankSpec]:
+        rows = self._db().execute(
+            "SELECT name, model, threshold, grid, resolution, dim FROM banks ORDER BY name"
+        )
+        return [BankSpec(*r) for r in rows]
+
+    def _load(self, spec: BankSpec) -> _Live:
+        """The bank's index rebuilt from its rows."""
+        live = _Live(spec, _new_index(spec.dim), {}, {}, 0)
+        rows = self._db().execute(
+            "SELECT i.seq, i.id, i.embedding, length(m.png) FROM items i JOIN images m "
+            "ON m.seq = i.seq WHERE i.bank = ? ORDER BY i.seq",
+            (spec.name,),
+        )
+        seqs: list[int] = []
+        vecs: list[bytes] = []
+        for seq, item_id, emb, size in rows:
+            seqs.append(seq)
+            vecs.append(emb)
+            live.ids[seq] = item_id
+            live.seq_of[item_id] = seq
+            live.bytes += len(emb) + size
+            if len(vecs) >= 4096:
+                _add(live.index, seqs, vecs, spec.dim)
+                seqs, vecs = [], []
+        if vecs:
+            _add(live.index, seqs, vecs, spec.dim)
+        return live
+
+    def _bank(self, name: str) -> _Live:
+        live = self._live.get(name)
+        if live is None:
+            raise BankNotFound(name)
+        return live
+
+    # -- banks ---------------------------------------------------------------------------------
+
+    def create(self, spec: BankSpec) -> tuple[BankSpec, bool]:
+        """``(the bank's spec, created)``: a bank that exists keeps its own spec (the caller compares)."""
+        with self._write:
+            live = self._live.get(spec.name)
+            if live is not None:
+                return live.spec, False
+            with self._conn() as db:
+                db.execute(
+                    "INSERT INTO banks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        spec.name,
+                        spec.model,
+                        spec.threshold,
+                        spec.grid,
+                        spec.resolution,
+                        spec.dim,
+                        time.time(),
+                    ),
+                )
+            with self._index_lock:
+                self._live[spec.name] = _Live(spec, _new_index(spec.dim), {}, {}, 0)
+            return spec, True
+
+    def info(self, name: str) -> BankInfo | None:
+        with self._index_lock:
+            live = self._live.get(name)
+            return None if live is None else BankInfo(live.spec, len(live.ids), live.bytes)
+
+    def names(self) -> list[str]:
+        with self._index_lock:
+            return sorted(self._live)
+
+    def drop(self, name: str) -> bool:
+        with self._write:
+            if name not in self._live:
+                return False
+            with self._conn() as db:
+                db.execute(
+                    "DELETE FROM images WHERE seq IN (SELECT seq FROM items WHERE bank = ?)",
+                    (name,),
+                )
+                db.execute("DELETE FROM items WHERE bank = ?", (name,))
+                db.execute("DELETE FROM banks WHERE name = ?", (name,))
+            with self._index_lock:
+                del self._live[name]
+            return True
+
+    # -- items ---------------------------------------------------------------------------------
+
+    def upsert(self, name: str, items: Sequence[NewItem]) -> list[Added]:
+        """Store ``items`` in one transaction (idempotent per id: the same content is ``unchanged``,
+        other content under a known id ``replaced``); acknowledged once committed."""
+        with self._write:
+            live = self._bank(name)
+            statuses: list[Added] = []
+            removed: list[int] = []
+            added: list[tuple[int, NewItem]] = []
+            delta = 0
+            with self._conn() as db:
+                for item in items:
+                    old = db.execute(
+                        "SELECT seq, digest, length(embedding) FROM items WHERE bank = ? AND id = ?",
+                        (name, item.id),
+                    ).fetchone()
+                    if old is not None and old[1] == item.digest:
+                        statuses.append("unchanged")
+                        continue
+                    if old is not None:
+                        (size,) = db.execute(
+                            "SELECT length(png) FROM images WHERE seq = ?", (old[0],)
+                        ).fetchone()
+                        db.execute("DELETE FROM items WHERE seq = ?", (old[0],))
+                        db.execute("DELETE FROM images WHERE seq = ?", (old[0],))
+                        removed.append(old[0])
+                        delta -= old[2] + size
+                    emb = np.ascontiguousarray(item.embedding, dtype=np.float32).tobytes()
+                    cur = db.execute(
+                        "INSERT INTO items (bank, id, digest, embedding, added) VALUES (?, ?, ?, ?, ?)",
+                        (name, item.id, item.digest, emb, time.time()),
+                    )
+                    seq = int(cur.lastrowid or 0)
+                    db.execute("INSERT INTO images VALUES (?, ?)", (seq, item.png))
+                    added.append((seq, item))
+                    delta += len(emb) + len(item.png)
+                    statuses.append("replaced" if old is not None else "added")
+            with self._index_lock:
+                if removed:
+                    _remove(live.index, removed)
+                    for seq in removed:
+                        live.seq_of.pop(live.ids.pop(seq), None)
+                if added:
+                    vecs = np.stack([it.embedding for _, it in added]).astype(np.float32)
+                    live.index.add_with_ids(vecs, np.asarray([s for s, _ in added], np.int64))
+                    for seq, it in added:
+                        live.ids[seq] = it.id
+                        live.seq_of[it.id] = seq
+                live.bytes += delta
+            return statuses
+
+    def remove(self, name: str, item_id: str) -> bool:
+        with self._write:
+            live = self._bank(name)
+            seq = live.seq_of.get(item_id)
+            if seq is None:
+                return False
+            with self._conn() as db:
+                (size,) = db.execute(
+                    "SELECT length(embedding) + (SELECT length(png) FROM images WHERE seq = ?) "
+                    "FROM items WHERE seq = ?",
+                    (seq, seq),
+                ).fetchone()
+                db.execute("DELETE FROM items WHERE seq = ?", (seq,))
+                db.execute("DELETE FROM images WHERE seq = ?", (seq,))
+            with self._index_lock:
+                _remove(live.index, [seq])
+                del live.ids[seq]
+                del live.seq_of[item_id]
+                live.bytes -= size
+            return True
+
+    # -- search --------------------------------------------------------------------------------
+
+    def candidates(self, name: str, queries: Vectors, radius: float) -> list[tuple[str, float]]:
+        """``(item id, lower bound)`` of every item within squared L2 ``radius`` of a row of
+        ``queries`` ``[Q, D]``, each once with its smallest bound, in increasing bound."""
+        with self._index_lock:
+            live = self._bank(name)
+            if live.index.ntotal == 0:
+                return []
+            _, dist, labels = live.index.range_search(np.ascontiguousarray(queries), radius)
+            ids = live.ids
+            best: dict[str, float] = {}
+            for seq, d in zip(labels.tolist(), dist.tolist(), strict=True):
+                item = ids[seq]
+                if d < best.get(item, np.inf):
+                    best[item] = d
+        return sorted(best.items(), key=lambda kv: kv[1])
+
+    def vectors(self, name: str) -> tuple[list[str], Vectors]:
+        """Every item id and its embedding (tests, brute force)."""
+        rows = (
+            self._db()
+            .execute("SELECT id, embedding FROM items WHERE bank = ? ORDER BY seq", (name,))
+            .fetchall()
+        )
+        dim = self._bank(name).spec.dim
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, dim)
+        return [r[0] for r in rows], vecs
+
+    def images(self, name: str, ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored PNG of each of ``ids`` that is still in the bank."""
+        out: dict[str, bytes] = {}
+        db = self._db()
+        for i in range(0, len(ids), 500):
+            chunk = list(ids[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(
+                f"SELECT i.id, m.png FROM items i JOIN images m ON m.seq = i.seq "
+                f"WHERE i.bank = ? AND i.id IN ({marks})",
+                (name, *chunk),
+            )
+            out.update({r[0]: r[1] for r in rows})
+        return out
+
+
+def _new_index(dim: int) -> faiss.IndexIDMap2:
+    return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+
+
+def _add(index: faiss.IndexIDMap2, seqs: list[int], vecs: list[bytes], dim: int) -> None:
+    x = np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(vecs), dim)
+    index.add_with_ids(x, np.asarray(seqs, dtype=np.int64))
+
+
+def _remove(index: faiss.IndexIDMap2, seqs: list[int]) -> None:
+    ids: Any = np.asarray(seqs, dtype=np.int64)  # the SWIG wrapper takes an id array
+    index.remove_ids(ids)

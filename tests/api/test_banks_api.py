@@ -1,0 +1,162 @@
+"""The known-items bank through the ASGI app with the real lpips-alex at 64²: exactness against brute
+force (every item under the threshold found, distances equal to /distance), both encodings,
+idempotent adds, the mirror option, and the error codes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from pathlib import Path
+
+import httpx
+from PIL import Image, ImageFilter
+
+from tests.support.apiutil import jpegs, serve, settings, tiny_settings
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def variant(data: bytes, kind: str) -> bytes:
+    """A near copy of ``data``: JPEG q=30, blur, brightened, or left-right mirrored (as PNG)."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    out = io.BytesIO()
+    if kind == "jpeg":
+        img.save(out, format="JPEG", quality=30)
+        return out.getvalue()
+    if kind == "blur":
+        img = img.filter(ImageFilter.GaussianBlur(1.5))
+    elif kind == "bright":
+        img = img.point(lambda v: min(255, int(v * 1.15)))
+    elif kind == "flip":
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+async def add_json(client: httpx.AsyncClient, bank: str, items: dict[str, bytes]) -> httpx.Response:
+    body = {"items": [{"id": k, "image": b64(v)} for k, v in items.items()]}
+    return await client.post(f"/banks/{bank}/items", json=body)
+
+
+async def brute_force(
+    client: httpx.AsyncClient, query: bytes, items: dict[str, bytes]
+) -> dict[str, float]:
+    """/distance of the query (reference) against every item (candidates)."""
+    ids = list(items)
+    r = await client.post(
+        "/distance", json={"reference": b64(query), "candidates": [b64(items[i]) for i in ids]}
+    )
+    assert r.status_code == 200, r.text
+    return {i: res["distance"] for i, res in zip(ids, r.json()["results"], strict=True)}
+
+
+async def test_search_equals_brute_force_on_random_banks(weights_dir: Path, tmp_path: Path) -> None:
+    """Random banks of ImageNet images and near copies: with every survivor checked, the matches are
+    exactly the items whose /distance is under the threshold (none missing, none extra), in increasing
+    distance, each distance equal to /distance's (≤ 1e-4); the lower bound never drops a match."""
+    rng = random.Random(17)
+    pool = jpegs(24, start=100)
+    found = missed = 0
+    async with serve(settings(weights_dir, data_dir=tmp_path)) as (client, _):
+        for trial, threshold in enumerate((0.2, 0.45, 0.7)):
+            picks = rng.sample(range(len(pool)), 10)
+            items = {f"img{i}": pool[i] for i in picks}
+            for i in picks[:3]:
+                items[f"img{i}-{trial}-jpeg"] = variant(pool[i], "jpeg")
+                items[f"img{i}-{trial}-blur"] = variant(pool[i], "blur")
+            bank = f"random-{trial}"
+            r = await client.put(f"/banks/{bank}", json={"threshold": threshold})
+            assert r.status_code == 201, r.text
+            assert (await add_json(client, bank, items)).status_code == 200
+            for q in (variant(pool[picks[0]], "bright"), pool[picks[5]], pool[rng.randrange(24)]):
+                truth = await brute_force(client, q, items)
+                r = await client.post(
+                    f"/banks/{bank}/search",
+                    json={"image": b64(q), "limit": 1000, "max_checked": 4096},
+                )
+                assert r.status_code == 200, r.text
+                got = r.json()
+                assert got["complete"] and got["checked"] == got["candidates"] <= len(items)
+                expected = {i for i, d in truth.items() if d <= threshold}
+                found, missed = found + len(expected), missed + len(items) - len(expected)
+                assert {m["id"] for m in got["matches"]} == expected
+                dists = [m["distance"] for m in got["matches"]]
+                assert dists == sorted(dists)
+                for m in got["matches"]:
+                    assert abs(m["distance"] - truth[m["id"]]) <= 1e-4
+                    assert m["near_duplicate"]
+    assert found >= 10 and missed >= 10  # the banks held both matches and non-matches
+
+
+async def test_items_idempotent_multipart_and_mirror(weights_dir: Path, tmp_path: Path) -> None:
+    imgs = jpegs(6, start=300)
+    async with serve(settings(weights_dir, data_dir=tmp_path)) as (client, _):
+        r = await client.put("/banks/kb")
+        assert r.status_code == 201 and r.json()["items"] == 0
+        assert (await client.put("/banks/kb")).status_code == 200  # same settings: fine
+        assert (await client.put("/banks/kb", json={"threshold": 0.01})).status_code == 409
+        files = [("image", (f"{i}.jpg", d)) for i, d in enumerate(imgs[:4])]
+        data = {"id": ["a0", "a1", "a2", "a3"]}
+        r = await client.post("/banks/kb/items", files=files, data=data)
+        assert r.status_code == 200, r.text
+        assert [s["status"] for s in r.json()["items"]] == ["added"] * 4
+        r = await add_json(client, "kb", {"a0": imgs[0], "a1": imgs[5]})  # again; a1 changes
+        assert [s["status"] for s in r.json()["items"]] == ["unchanged", "replaced"]
+        info = (await client.get("/banks/kb")).json()
+        assert info["items"] == 4 and info["bytes"] > 0 and info["model"] == "lpips-alex"
+        # the mirror option finds a flipped copy (at a distance equal to /distance with hflip)
+        flipped = variant(imgs[2], "flip")
+        r = await client.post(
+            "/banks/kb/search", files={"image": ("q.png", flipped)}, data={"mirror": "true"}
+        )
+        got = r.json()
+        assert r.status_code == 200, r.text
+        assert got["matches"][0]["id"] == "a2" and got["matches"][0]["mirrored"] is True
+        ref = await client.post(
+            "/distance",
+            json={"reference": b64(imgs[2]), "candidates": [b64(flipped)], "invariance": ["hflip"]},
+        )
+        assert abs(ref.json()["results"][0]["distance"] - got["matches"][0]["distance"]) <= 1e-4
+        # removal
+        assert (await client.delete("/banks/kb/items/a2")).status_code == 204
+        assert (await client.delete("/banks/kb/items/a2")).status_code == 404
+        r = await client.post("/banks/kb/search", json={"image": b64(imgs[2])})
+        assert "a2" not in {m["id"] for m in r.json()["matches"]}
+        assert (await client.delete("/banks/kb")).status_code == 204
+        assert (await client.get("/banks/kb")).json()["error"]["code"] == "not_found"
+
+
+async def test_bank_errors(tiny_store: Path, tmp_path: Path) -> None:
+    img = jpegs(1)[0]
+    s = tiny_settings(tiny_store, data_dir=tmp_path, bank_max_items=2)
+    async with serve(s) as (client, _):
+        r = await client.get("/banks/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = await client.post("/banks/nope/search", json={"image": b64(img)})
+        assert r.status_code == 404
+        assert (await client.put("/banks/bad$name")).status_code == 422
+        assert (await client.put("/banks/" + "x" * 129)).status_code == 422
+        assert (await client.put("/banks/b", json={"model": "lpips-vgg"})).status_code == 422
+        assert (await client.put("/banks/b", content=b"{")).json()["error"][
+            "code"
+        ] == "invalid_json"
+        assert (await client.put("/banks/b")).status_code == 201
+        r = await add_json(client, "b", {"x": img, "y": img, "z": img})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "items"
+        r = await client.post("/banks/b/items", json={"items": [{"id": "a b", "image": b64(img)}]})
+        assert r.status_code == 422
+        files = [("image", ("a.jpg", img)), ("image", ("b.jpg", img))]
+        r = await client.post("/banks/b/items", files=files, data={"id": ["only-one"]})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "id"
+        r = await client.post("/banks/b/items", json={"items": [{"id": "x", "image": "!!"}]})
+        assert r.json()["error"]["code"] == "invalid_base64"
+        r = await client.post("/banks/b/items", json={"items": [{"id": "x", "image": b64(b"no")}]})
+        assert r.json()["error"]["code"] == "invalid_image"
+        r = await client.post("/banks/b/search", json={"image": b64(img), "limit": 0})
+        assert r.status_code == 422
+        assert (await client.delete("/banks/b/items/none")).status_code == 404
+        metrics = (await client.get("/metrics")).text
+        assert "rlpips_bank_items" in metrics and "rlpips_bank_search_duration_seconds" in metrics
