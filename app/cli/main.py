@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from app.cli import experiments, robustness, serve, train
+from app.cli import bank, experiments, robustness, serve, train
 from app.cli.args import add_device_arg, resolution_arg
 from app.cli.remote import add_remote_args, cmd_remote_distance
 from app.config import Settings, pick_device
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_store(sub)
     serve.register(sub)
     robustness.register(sub)
+    bank.register(sub)
     train.register(sub)
     evaluate = sub.add_parser("evaluate", help="experiments and benchmarks of the metric")
     experiments.register(evaluate.add_subparsers(dest="evaluate_command", required=True))

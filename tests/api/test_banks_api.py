@@ -10,7 +10,9 @@ import random
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image, ImageFilter
+from rlpips_client import AsyncClient, ClientError
 
 from tests.support.apiutil import jpegs, serve, settings, tiny_settings
 
@@ -160,3 +162,28 @@ async def test_bank_errors(tiny_store: Path, tmp_path: Path) -> None:
         assert (await client.delete("/banks/b/items/none")).status_code == 404
         metrics = (await client.get("/metrics")).text
         assert "rlpips_bank_items" in metrics and "rlpips_bank_search_duration_seconds" in metrics
+
+
+async def test_async_client_bank_operations(tiny_store: Path, tmp_path: Path) -> None:
+    """The client library's bank calls (multipart adds, search options, deletes) against the app."""
+    imgs = jpegs(3, start=40)
+    async with serve(tiny_settings(tiny_store, data_dir=tmp_path)) as (_, app):
+        transport = httpx.ASGITransport(app=app)
+        async with AsyncClient("http://test", transport=transport, retries=0) as c:
+            info = await c.bank_create("kb", threshold=0.3)
+            assert (info.name, info.threshold, info.items) == ("kb", 0.3, 0)
+            assert await c.bank_add("kb", {"x": imgs[0], "y": imgs[1]}) == {
+                "x": "added",
+                "y": "added",
+            }
+            res = await c.bank_search("kb", imgs[1], limit=1, max_checked=8, mirror=True)
+            assert res.complete and res.matches[0].id == "y" and res.matches[0].distance < 1e-6
+            assert res.matches[0].mirrored is False
+            await c.bank_remove("kb", "y")
+            with pytest.raises(ClientError) as err:
+                await c.bank_remove("kb", "y")
+            assert err.value.code == "not_found"
+            assert (await c.bank_info("kb")).items == 1
+            await c.bank_delete("kb")
+            with pytest.raises(ClientError):
+                await c.bank_info("kb")

@@ -5,14 +5,20 @@ directory every acknowledged item is there and its image finds it (distance ~0).
 from __future__ import annotations
 
 import base64
+import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from rlpips_client import Client
 
+from tests.support import ROOT
 from tests.support.apiutil import jpegs
 from tests.support.serverutil import Server, launch, wait_ready
 
@@ -76,14 +82,23 @@ def test_every_acknowledged_item_survives_sigkill(weights_dir: Path, tmp_path: P
 
     server = start(weights_dir, data, tmp_path / "second.log")
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            info = client.get("/banks/kb").json()
-            # at least the acknowledged ones (one in flight may have committed unanswered)
-            assert len(acked) <= info["items"] <= len(acked) + 2
+        # the CLI and the client library (rlpips_client) against the restarted service
+        cli = subprocess.run(
+            [sys.executable, "-m", "app.cli", "bank", "info", "kb", "--url", server.url],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+            # this checkout's client library, not an installed one
+            env=os.environ | {"PYTHONPATH": str(ROOT / "clients" / "python")},
+        )
+        info = json.loads(cli.stdout)
+        # at least the acknowledged ones (the two in flight may have committed unanswered)
+        assert len(acked) <= info["items"] <= len(acked) + 2
+        with Client(server.url) as client:
             for item_id, img in acked.items():
-                r = client.post("/banks/kb/search", json={"image": b64(img), "limit": 1})
-                best = r.json()["matches"][0]
-                assert best["id"] == item_id and best["distance"] < 1e-6, (item_id, best)
+                best = client.bank_search("kb", img, limit=1).matches[0]
+                assert best.id == item_id and best.distance < 1e-6, (item_id, best)
     finally:
         server.proc.terminate()
         server.proc.wait(30)

@@ -20,6 +20,7 @@ from rlpips_client._errors import (
 )
 from rlpips_client._retry import RetryPolicy
 from rlpips_client._sync import Client
+from rlpips_client.banks import BankInfo, BankMatch, BankSearchResult
 from rlpips_client.models import (
     AttackParams,
     DistanceResult,
@@ -35,6 +36,9 @@ __all__ = [
     "AsyncClient",
     "AttackParams",
     "AuthenticationError",
+    "BankInfo",
+    "BankMatch",
+    "BankSearchResult",
     "Client",
     "ClientError",
     "ConnectionFailed",

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -25,7 +26,8 @@ class Call:
     method: str
     path: str
     files: list[tuple[str, FilePart]] = field(default_factory=list)
-    data: dict[str, str] = field(default_factory=dict)
+    data: Mapping[str, str | list[str]] = field(default_factory=dict)
+    json: JSON | None = None
 
     def send_args(self, request_id: str) -> dict[str, Any]:
         """Keyword arguments of ``httpx.Client.request`` for this call."""
@@ -33,6 +35,8 @@ class Call:
         if self.files:
             args["files"] = self.files
             args["data"] = self.data
+        elif self.json is not None:
+            args["json"] = self.json
         return args
 
 
@@ -77,6 +81,37 @@ def robustness_call(
     if candidate is not None:
         files.append(("candidate", to_part(candidate, "candidate")))
     return Call("POST", "/robustness-check", files, _options(**options))
+
+
+def _bank(bank: str) -> str:
+    return f"/banks/{quote(bank, safe='')}"
+
+
+def bank_create_call(bank: str, model: str | None, threshold: float | None) -> Call:
+    """``PUT /banks/{bank}`` with the settings given (JSON)."""
+    body = {k: v for k, v in {"model": model, "threshold": threshold}.items() if v is not None}
+    return Call("PUT", _bank(bank), json=body)
+
+
+def bank_add_call(bank: str, items: Mapping[str, ImageInput]) -> Call:
+    """``POST /banks/{bank}/items`` as multipart: one ``image`` file and one ``id`` per item."""
+    if not items:
+        raise ValueError("items must hold at least one image")
+    files = [("image", to_part(img, f"item{i}")) for i, img in enumerate(items.values())]
+    return Call("POST", f"{_bank(bank)}/items", files, {"id": list(items)})
+
+
+def bank_item_call(bank: str, item: str) -> Call:
+    """``DELETE /banks/{bank}/items/{item}``."""
+    return Call("DELETE", f"{_bank(bank)}/items/{quote(item, safe='')}")
+
+
+def bank_search_call(
+    bank: str, image: ImageInput, **options: str | float | bool | Sequence[str] | None
+) -> Call:
+    """``POST /banks/{bank}/search`` as multipart: file ``image`` and the options."""
+    files = [("image", to_part(image, "image"))]
+    return Call("POST", f"{_bank(bank)}/search", files, dict(_options(**options)))
 
 
 def response_id(response: httpx.Response, sent: str) -> str:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -14,6 +15,10 @@ from rlpips_client._protocol import (
     JSON,
     Call,
     auth_headers,
+    bank_add_call,
+    bank_create_call,
+    bank_item_call,
+    bank_search_call,
     distance_call,
     error_from,
     json_of,
@@ -22,6 +27,7 @@ from rlpips_client._protocol import (
     transport_error,
 )
 from rlpips_client._retry import RetryPolicy
+from rlpips_client.banks import BankInfo, BankSearchResult, statuses
 from rlpips_client.models import DistanceResult, ModelInfo, RobustnessResult
 
 
@@ -144,6 +150,52 @@ class Client:
             return self._http.get("/readyz").status_code == 200
         except httpx.TransportError:
             return False
+
+    # -- known-items banks ---------------------------------------------------------------------
+
+    def bank_create(
+        self, bank: str, model: str | None = None, threshold: float | None = None
+    ) -> BankInfo:
+        """Create ``bank`` (defaults: the service's model, the model's threshold); an existing bank
+        with the same settings is returned as it is, one with others raises (409 ``conflict``)."""
+        return BankInfo.from_json(self._json(bank_create_call(bank, model, threshold)))
+
+    def bank_info(self, bank: str) -> BankInfo:
+        """The bank's settings, item count and stored bytes."""
+        return BankInfo.from_json(self._json(Call("GET", f"/banks/{quote(bank, safe='')}")))
+
+    def bank_delete(self, bank: str) -> None:
+        """Delete the bank and its items."""
+        self._send(Call("DELETE", f"/banks/{quote(bank, safe='')}"), new_request_id())
+
+    def bank_add(self, bank: str, items: Mapping[str, ImageInput]) -> dict[str, str]:
+        """Add ``{id: image}`` (idempotent per id, so retried safely); each id's status."""
+        return statuses(self._json(bank_add_call(bank, items)))
+
+    def bank_remove(self, bank: str, item: str) -> None:
+        """Remove one item."""
+        self._send(bank_item_call(bank, item), new_request_id())
+
+    def bank_search(
+        self,
+        bank: str,
+        image: ImageInput,
+        threshold: float | None = None,
+        limit: int | None = None,
+        *,
+        max_checked: int | None = None,
+        mirror: bool = False,
+    ) -> BankSearchResult:
+        """The bank's items within ``threshold`` of ``image``, nearest first."""
+        call = bank_search_call(
+            bank,
+            image,
+            threshold=threshold,
+            limit=limit,
+            max_checked=max_checked,
+            mirror=mirror or None,
+        )
+        return BankSearchResult.from_json(self._json(call))
 
     def _json(self, call: Call) -> JSON:
         request_id = new_request_id()
