@@ -194,8 +194,10 @@ class BankService:
         t0 = time.perf_counter()
         vecs = await self._device(lambda: self._embed(spec.model, spec.grid, variants, True))
         t1 = time.perf_counter()
-        found = await asyncio.to_thread(self.storage.candidates, name, vecs, radius(thr))
-        chosen = [i for i, _ in found[:max_checked]]
+        count, found = await asyncio.to_thread(
+            self.storage.candidates, name, vecs, radius(thr), max_checked
+        )
+        chosen = [i for i, _ in found]
         pngs = await asyncio.to_thread(self.storage.images, name, chosen)
         r = spec.resolution
         items = await self.rt.run_cpu(
@@ -219,7 +221,7 @@ class BankService:
             "index": (t2 - t1) * 1e3,
             "exact": (t3 - t2) * 1e3,
         }
-        return SearchResult(matches[:limit], len(found), len(kept), thr, timing)
+        return SearchResult(matches[:limit], count, len(kept), thr, timing)
 
     def _exact(
         self, model: str, variants: list[Image], items: list[Image]

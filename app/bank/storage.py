@@ -85,7 +85,9 @@ class BankStorage(Protocol):
     def drop(self, name: str) -> bool: ...
     def upsert(self, name: str, items: Sequence[NewItem]) -> list[Added]: ...
     def remove(self, name: str, item_id: str) -> bool: ...
-    def candidates(self, name: str, queries: Vectors, radius: float) -> list[tuple[str, float]]: ...
+    def candidates(
+        self, name: str, queries: Vectors, radius: float, limit: int
+    ) -> tuple[int, list[tuple[str, float]]]: ...
     def images(self, name: str, ids: Sequence[str]) -> dict[str, bytes]: ...
     def close(self) -> None: ...
 
@@ -321,21 +323,29 @@ class SqliteFaissStorage:
 
     # -- search --------------------------------------------------------------------------------
 
-    def candidates(self, name: str, queries: Vectors, radius: float) -> list[tuple[str, float]]:
-        """``(item id, lower bound)`` of every item within squared L2 ``radius`` of a row of
-        ``queries`` ``[Q, D]``, each once with its smallest bound, in increasing bound."""
+    def candidates(
+        self, name: str, queries: Vectors, radius: float, limit: int
+    ) -> tuple[int, list[tuple[str, float]]]:
+        """``(n, best)``: the number ``n`` of items within squared L2 ``radius`` of a row of
+        ``queries`` ``[Q, D]``, and the ``limit`` of them with the smallest such distance (their lower
+        bound), as ``(item id, bound)`` in increasing bound."""
         with self._index_lock:
             live = self._bank(name)
             if live.index.ntotal == 0:
-                return []
+                return 0, []
             _, dist, labels = live.index.range_search(np.ascontiguousarray(queries), radius)
-            ids = live.ids
+            order = np.argsort(dist, kind="stable")
+            if len(queries) == 1:
+                top = order[:limit]
+                return len(labels), [(live.ids[int(labels[i])], float(dist[i])) for i in top]
             best: dict[str, float] = {}
-            for seq, d in zip(labels.tolist(), dist.tolist(), strict=True):
-                item = ids[seq]
-                if d < best.get(item, np.inf):
-                    best[item] = d
-        return sorted(best.items(), key=lambda kv: kv[1])
+            for i in order:  # increasing bound: the first time an item appears is its best
+                item = live.ids[int(labels[i])]
+                if item not in best:
+                    best[item] = float(dist[i])
+                    if len(best) == limit:
+                        break
+            return len(np.unique(labels)), list(best.items())
 
     def vectors(self, name: str) -> tuple[list[str], Vectors]:
         """Every item id and its embedding (tests, brute force)."""

@@ -90,6 +90,15 @@ async def test_search_equals_brute_force_on_random_banks(weights_dir: Path, tmp_
                 for m in got["matches"]:
                     assert abs(m["distance"] - truth[m["id"]]) <= 1e-4
                     assert m["near_duplicate"]
+                # capped: at most 3 exact checks, flagged incomplete when more survived;
+                # whatever it returns is still exact
+                r = await client.post(
+                    f"/banks/{bank}/search", json={"image": b64(q), "limit": 1000, "max_checked": 3}
+                )
+                capped = r.json()
+                assert capped["checked"] == min(3, capped["candidates"])
+                assert capped["complete"] == (capped["candidates"] <= 3)
+                assert {m["id"] for m in capped["matches"]} <= expected
     assert found >= 10 and missed >= 10  # the banks held both matches and non-matches
 
 

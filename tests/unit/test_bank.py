@@ -83,25 +83,30 @@ def test_storage_range_search_matches_brute_force_and_survives_reopen(tmp_path: 
     keep[2] = False
     queries = rng.normal(size=(2, 8)).astype(np.float32) * 0.5
 
-    def brute(r: float) -> dict[str, float]:
-        d = ((vecs[None] - queries[:, None]) ** 2).sum(-1).min(0)
+    def brute(r: float, rows: slice = slice(None)) -> dict[str, float]:
+        d = ((vecs[None] - queries[rows, None]) ** 2).sum(-1).min(0)
         return {ids[k]: float(d[k]) for k in range(300) if keep[k] and d[k] < r}
 
     for r in (0.5, 1.5, 3.0):
-        got = dict(store.candidates("b", queries, r))
+        n, top = store.candidates("b", queries, r, 1000)
+        got = dict(top)
         want = brute(r)
-        assert set(got) == set(want) and len(want) > 0
+        assert n == len(want) and set(got) == set(want) and len(want) > 0
+        assert [b for _, b in top] == sorted(b for _, b in top)
+        n3, top3 = store.candidates("b", queries[:1], r, 3)
+        first = sorted(brute(r, slice(0, 1)).items(), key=lambda kv: kv[1])
+        assert n3 == len(first) and [i for i, _ in top3] == [i for i, _ in first[:3]]
         assert all(abs(got[k] - want[k]) < 1e-4 for k in want)
     info = store.info("b")
     assert info is not None and info.items == 299
     store.close()
     again = SqliteFaissStorage(tmp_path)  # a new process would do the same
     assert again.info("b") == info
-    assert dict(again.candidates("b", queries, 1.5)).keys() == brute(1.5).keys()
+    assert dict(again.candidates("b", queries, 1.5, 1000)[1]).keys() == brute(1.5).keys()
     assert again.images("b", ["i1", "i2"]) == {"i1": b"other"}
     assert again.drop("b") and again.info("b") is None
     with pytest.raises(BankNotFound):
-        again.candidates("b", queries, 1.0)
+        again.candidates("b", queries, 1.0, 10)
     again.close()
 
 
@@ -118,7 +123,7 @@ def test_searches_run_while_items_are_inserted(tmp_path: Path) -> None:
     def reader(mine: list[int]) -> None:
         try:
             while not stop.is_set():
-                mine.append(len(store.candidates("b", np.zeros((1, 4), np.float32), 1e9)))
+                mine.append(store.candidates("b", np.zeros((1, 4), np.float32), 1e9, 1)[0])
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -128,7 +133,7 @@ def test_searches_run_while_items_are_inserted(tmp_path: Path) -> None:
     for batch in range(40):
         v = rng.normal(size=(5, 4))
         store.upsert("b", [item(f"{batch}-{k}", v[k]) for k in range(5)])
-        assert len(store.candidates("b", np.zeros((1, 4), np.float32), 1e9)) == 5 * (batch + 1)
+        assert store.candidates("b", np.zeros((1, 4), np.float32), 1e9, 1)[0] == 5 * (batch + 1)
     stop.set()
     for t in threads:
         t.join()
