@@ -147,6 +147,13 @@ class Settings(BaseSettings):
         description="where the known-items banks live (SQLite file banks.sqlite3); relative paths "
         "are taken from the working directory",
     )
+    bank_engine: Literal["embedded", "milvus"] = Field(
+        "embedded",
+        description="bank storage: embedded (SQLite + FAISS in data_dir) or milvus (pymilvus)",
+    )
+    bank_milvus_uri: str = Field(
+        "", description="Milvus server URL, or a milvus-lite file; empty: data_dir/milvus.db"
+    )
     bank_grid: int = Field(
         1, ge=1, le=8, description="grid of the banks' lower-bound embedding (cells per side)"
     )

@@ -22,7 +22,7 @@ from app.api import banks, distance, errors, openapi, pages, probes, robustness
 from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
 from app.api.middleware import DrainMiddleware, MetricsMiddleware, RequestBodyMiddleware
 from app.bank.service import BankService
-from app.bank.storage import SqliteFaissStorage
+from app.bank.storage import BankStorage, open_storage
 from app.config import Settings
 from app.serving.runtime import Runtime, configured_models
 from app.telemetry import Telemetry
@@ -54,11 +54,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = Runtime(app.state.settings, app.state.store, app.state.telemetry)
     app.state.runtime = runtime
     app.state.banks = None
-    storage: SqliteFaissStorage | None = None
+    storage: BankStorage | None = None
     try:
         await runtime.start()
-        storage = await asyncio.to_thread(SqliteFaissStorage, app.state.settings.data_dir)
-        app.state.banks = BankService(runtime, storage, app.state.settings.bank_grid)
+        s = app.state.settings
+        storage = await asyncio.to_thread(
+            open_storage, s.bank_engine, s.data_dir, s.bank_milvus_uri
+        )
+        app.state.banks = BankService(runtime, storage, s.bank_grid)
         for name in storage.names():
             info = storage.info(name)
             app.state.telemetry.bank_size(name, info.items if info else None)

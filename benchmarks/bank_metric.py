@@ -81,12 +81,27 @@ EDITS: dict[str, Callable[[PILImage.Image], bytes]] = {
 }
 
 
-def _pairs_distance(engine: Engine, model: str, fa: list[torch.Tensor], fb: list[torch.Tensor]) -> torch.Tensor:
+def _pairs_distance(
+    engine: Engine,
+    model: str,
+    fa: list[torch.Tensor],
+    fb: list[torch.Tensor],
+    ia: torch.Tensor | None = None,
+    ib: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Distances ``[P]`` between rows ``ia`` of ``fa`` and rows ``ib`` of ``fb`` (default: row by
+    row), gathered in chunks (a 256² pair holds 640k feature values)."""
+    n = int(fa[0].shape[0]) if ia is None else int(ia.numel())
+    ia = torch.arange(n) if ia is None else ia
+    ib = torch.arange(n) if ib is None else ib
     out = []
     with torch.inference_mode():
-        for s in range(0, fa[0].shape[0], 256):
-            sl = slice(s, s + 256)
-            out.append(distance_from_features(engine.heads[model], [f[sl] for f in fa], [f[sl] for f in fb]).total)
+        for s in range(0, n, 128):
+            a, b = ia[s : s + 128], ib[s : s + 128]
+            res = distance_from_features(
+                engine.heads[model], [f[a] for f in fa], [f[b] for f in fb]
+            )
+            out.append(res.total)
     return torch.cat(out)
 
 
@@ -122,7 +137,9 @@ def main() -> None:
         "models": {},
     }
     for model in MODELS:
-        report["models"][model] = _model_report(engine, model, store.model(model).threshold, raw, feats, i0, i1, args)  # type: ignore[index]
+        report["models"][model] = _model_report(
+            engine, model, store.model(model).threshold, raw, feats, i0, i1, args
+        )  # type: ignore[index]
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
@@ -145,7 +162,7 @@ def _model_report(
     args: argparse.Namespace,
 ) -> dict[str, object]:
     heads = engine.heads[model]
-    true = _pairs_distance(engine, model, [f[i0] for f in feats], [f[i1] for f in feats]).numpy()
+    true = _pairs_distance(engine, model, feats, feats, i0, i1).numpy()
     fp = int((true <= thr).sum())
     out: dict[str, object] = {
         "threshold": thr,
@@ -172,9 +189,7 @@ def _model_report(
 def _rank_stats(bounds: np.ndarray, unrelated: np.ndarray) -> dict[str, object]:
     """Per bank size: the share of copies whose original is expected within the first K."""
     p_above = np.searchsorted(unrelated, bounds) / unrelated.size  # P(unrelated bound < copy's)
-    return {
-        str(n): {f"found@{k}": float((n * p_above < k).mean()) for k in KS} for n in SIZES
-    }
+    return {str(n): {f"found@{k}": float((n * p_above < k).mean()) for k in KS} for n in SIZES}
 
 
 def _copies(
@@ -193,8 +208,13 @@ def _copies(
     res: dict[str, object] = {}
     for name, edit in EDITS.items():
         mirror = name.startswith("hflip")
-        queries = [Image(load_tensor(edit(PILImage.open(io.BytesIO(b)).convert("RGB")), r), f"{name}{k}") for k, b in enumerate(raw[:m])]
-        if mirror:  # the mirror option: the query's mirror searches too, the smaller distance counts
+        queries = [
+            Image(load_tensor(edit(PILImage.open(io.BytesIO(b)).convert("RGB")), r), f"{name}{k}")
+            for k, b in enumerate(raw[:m])
+        ]
+        if (
+            mirror
+        ):  # the mirror option: the query's mirror searches too, the smaller distance counts
             queries = [Image(q.tensor.flip(-1), q.key + ":m") for q in queries]
         res[name] = _score(engine, model, heads, thr, queries, feats, embs, unrelated, m)
     # PGD L∞ 8/255 against the model: push the stored original's copy away from it (evasion)
@@ -202,10 +222,20 @@ def _copies(
     metric = engine.metric(model)
     clean = torch.stack([load_tensor(b, r) for b in raw[:a]])
     x = to_unit(clean)
+
     def loss(x_adv: torch.Tensor) -> torch.Tensor:
         return metric(clean, x_adv * 2 - 1)
+
     eps = 8 / 255
-    adv = pgd(loss, x, norm="linf", epsilon=eps, steps=args.attack_steps, step_size=default_step_size("linf", eps, args.attack_steps), random_start=True)
+    adv = pgd(
+        loss,
+        x,
+        norm="linf",
+        epsilon=eps,
+        steps=args.attack_steps,
+        step_size=default_step_size("linf", eps, args.attack_steps),
+        random_start=True,
+    )
     adv = quantize(adv, x, "linf", eps)
     queries = [Image(t * 2 - 1, f"pgd{k}") for k, t in enumerate(adv.float())]
     res["pgd_linf_8_255"] = _score(engine, model, heads, thr, queries, feats, embs, unrelated, a)
@@ -235,10 +265,13 @@ def _score(
         b = ((qe - embs[g][:m]) ** 2).sum(1)
         ranks = _rank_stats(b, unrelated[g])
         out[f"grid{g}"] = {
-            n: {k: v for k, v in found.items()} for n, found in ranks.items()  # type: ignore[union-attr]
+            n: {k: v for k, v in found.items()}
+            for n, found in ranks.items()  # type: ignore[union-attr]
         }
         out[f"grid{g}_caught_and_found@16_100k"] = float(
-            ((d <= thr) & (100_000 * np.searchsorted(unrelated[g], b) / unrelated[g].size < 16)).mean()
+            (
+                (d <= thr) & (100_000 * np.searchsorted(unrelated[g], b) / unrelated[g].size < 16)
+            ).mean()
         )
     return out
 

@@ -89,6 +89,7 @@ class BankStorage(Protocol):
         self, name: str, queries: Vectors, radius: float, limit: int
     ) -> tuple[int, list[tuple[str, float]]]: ...
     def images(self, name: str, ids: Sequence[str]) -> dict[str, bytes]: ...
+    def names(self) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -386,3 +387,14 @@ def _add(index: faiss.IndexIDMap2, seqs: list[int], vecs: list[bytes], dim: int)
 def _remove(index: faiss.IndexIDMap2, seqs: list[int]) -> None:
     ids: Any = np.asarray(seqs, dtype=np.int64)  # the SWIG wrapper takes an id array
     index.remove_ids(ids)
+
+
+def open_storage(engine: str, data_dir: Path, milvus_uri: str = "") -> BankStorage:
+    """The configured engine: ``embedded`` (SQLite + FAISS in ``data_dir``) or ``milvus`` (at
+    ``milvus_uri``; empty: a milvus-lite file ``data_dir/milvus.db``)."""
+    if engine == "milvus":
+        from app.bank.milvus import MilvusStorage
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return MilvusStorage(milvus_uri or str(data_dir / "milvus.db"))
+    return SqliteFaissStorage(data_dir)
