@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     bank_milvus_uri: str = Field(
         "", description="Milvus server URL, or a milvus-lite file; empty: data_dir/milvus.db"
     )
+    bank_refresh_s: float = Field(
+        1.0,
+        ge=0,
+        description="replicas sharing data_dir: apply the others' bank changes this often "
+        "(the staleness bound of a search on another replica); 0 = never",
+    )
     bank_grid: int = Field(
         1, ge=1, le=8, description="grid of the banks' lower-bound embedding (cells per side)"
     )

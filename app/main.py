@@ -21,8 +21,9 @@ from starlette.routing import Route
 from app.api import banks, distance, errors, openapi, pages, probes, robustness
 from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
 from app.api.middleware import DrainMiddleware, MetricsMiddleware, RequestBodyMiddleware
+from app.bank.base import BankStorage
 from app.bank.service import BankService
-from app.bank.storage import BankStorage, open_storage
+from app.bank.storage import open_storage
 from app.config import Settings
 from app.serving.runtime import Runtime, configured_models
 from app.telemetry import Telemetry
@@ -55,6 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.runtime = runtime
     app.state.banks = None
     storage: BankStorage | None = None
+    follower: asyncio.Task[None] | None = None
     try:
         await runtime.start()
         s = app.state.settings
@@ -62,12 +64,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             open_storage, s.bank_engine, s.data_dir, s.bank_milvus_uri
         )
         app.state.banks = BankService(runtime, storage, s.bank_grid)
+        follower = asyncio.create_task(app.state.banks.follow(s.bank_refresh_s))
         for name in storage.names():
             info = storage.info(name)
             app.state.telemetry.bank_size(name, info.items if info else None)
         log.info("ready: serving %s (default %s)", ", ".join(runtime.models), runtime.default_model)
         yield
     finally:
+        if follower is not None:
+            follower.cancel()
         await runtime.stop()
         if storage is not None:
             storage.close()

@@ -33,7 +33,8 @@ import numpy as np
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
-from app.bank.storage import NewItem, SqliteFaissStorage
+from app.bank.base import NewItem
+from app.bank.storage import SqliteFaissStorage
 from app.config import Settings
 from app.main import create_app
 from benchmarks.loadgen import IMAGENET

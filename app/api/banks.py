@@ -30,8 +30,8 @@ from app.api.bodies import BANK_ERRORS, ITEMS_BODY, SEARCH_BODY
 from app.api.deps import ReadyRuntime, loaded_model, time_left
 from app.api.errors import ApiError
 from app.api.inputs import ImageField, b64decode, media_type, read_body
+from app.bank.base import BankInfo, BankNotFound
 from app.bank.service import BankConflict, BankService
-from app.bank.storage import BankInfo, BankNotFound
 
 router = APIRouter(tags=["banks"])
 

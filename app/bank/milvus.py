@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from app.bank.storage import Added, BankInfo, BankNotFound, BankSpec, NewItem, Vectors
+from app.bank.base import Added, BankInfo, BankNotFound, BankSpec, NewItem, Vectors
 
 CATALOGUE = "rlpips_banks"
 #: Milvus's largest top-k: a range search returns at most this many items.

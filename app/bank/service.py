@@ -27,8 +27,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from app.bank.embedding import embed, radius
-from app.bank.storage import (
+from app.bank.base import (
     Added,
     BankInfo,
     BankNotFound,
@@ -37,6 +36,7 @@ from app.bank.storage import (
     NewItem,
     Vectors,
 )
+from app.bank.embedding import embed, radius
 from app.imaging import load_tensor, tensor_to_png
 from app.metric.queries import Image, Query, content_key, mirror
 from app.serving.runtime import Runtime
@@ -108,6 +108,22 @@ class BankService:
         with torch.inference_mode():
             e = embed(engine.heads[model], feats, grid)
         return np.ascontiguousarray(e.cpu().numpy(), dtype=np.float32)
+
+    async def follow(self, every_s: float) -> None:
+        """Replicas sharing one SQLite file: apply the other processes' changes to this process's
+        indexes every ``every_s`` seconds (storages with a ``refresh``; runs until cancelled)."""
+        refresh: Callable[[], int] | None = getattr(self.storage, "refresh", None)
+        if refresh is None or every_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                if await asyncio.to_thread(refresh):
+                    for name in self.storage.names():
+                        info = self.storage.info(name)
+                        self.rt.telemetry.bank_size(name, info.items if info else None)
+            except Exception:
+                log.exception("bank refresh failed; retrying in %.1f s", every_s)
 
     # -- banks ---------------------------------------------------------------------------------
 

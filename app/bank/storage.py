@@ -20,18 +20,14 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
 
-import faiss
 import numpy as np
-import numpy.typing as npt
+
+from app.bank.base import Added, BankInfo, BankNotFound, BankSpec, BankStorage, NewItem, Vectors
+from app.bank.index import LiveBank, add_vectors, new_index, remove_ids
 
 log = logging.getLogger(__name__)
-
-Vectors = npt.NDArray[np.float32]  # [N, D] embeddings
-Added = Literal["added", "replaced", "unchanged"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS banks (
@@ -41,71 +37,9 @@ CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, bank TEXT NOT NULL, id TEXT NOT NULL,
     digest TEXT NOT NULL, embedding BLOB NOT NULL, added REAL NOT NULL, UNIQUE (bank, id));
 CREATE TABLE IF NOT EXISTS images (seq INTEGER PRIMARY KEY, png BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (
+    n INTEGER PRIMARY KEY AUTOINCREMENT, bank TEXT NOT NULL, seq INTEGER, kind TEXT NOT NULL);
 """
-
-
-@dataclass(frozen=True)
-class BankSpec:
-    """A bank's settings, fixed at creation: the model, the near-duplicate threshold, the embedding
-    grid, the working resolution its images were stored at, and the embedding length."""
-
-    name: str
-    model: str
-    threshold: float
-    grid: int
-    resolution: int
-    dim: int
-
-
-@dataclass(frozen=True)
-class BankInfo:
-    """A bank's settings with its item count and stored bytes (embeddings + images)."""
-
-    spec: BankSpec
-    items: int
-    bytes: int
-
-
-@dataclass(frozen=True)
-class NewItem:
-    """An item to store: caller's ``id``, content ``digest`` of the resized image, ``embedding`` ``[D]``
-    float32 and ``png`` (the resized image, lossless)."""
-
-    id: str
-    digest: str
-    embedding: Vectors
-    png: bytes
-
-
-class BankStorage(Protocol):
-    """What the bank service needs of a storage engine (SQLite + FAISS here, Milvus beside it)."""
-
-    def create(self, spec: BankSpec) -> tuple[BankSpec, bool]: ...
-    def info(self, name: str) -> BankInfo | None: ...
-    def drop(self, name: str) -> bool: ...
-    def upsert(self, name: str, items: Sequence[NewItem]) -> list[Added]: ...
-    def remove(self, name: str, item_id: str) -> bool: ...
-    def candidates(
-        self, name: str, queries: Vectors, radius: float, limit: int
-    ) -> tuple[int, list[tuple[str, float]]]: ...
-    def images(self, name: str, ids: Sequence[str]) -> dict[str, bytes]: ...
-    def names(self) -> list[str]: ...
-    def close(self) -> None: ...
-
-
-class BankNotFound(KeyError):
-    """No bank of that name."""
-
-
-@dataclass
-class _Live:
-    """A bank's in-memory state: its index, row → item id, and counters."""
-
-    spec: BankSpec
-    index: faiss.IndexIDMap2
-    ids: dict[int, str]
-    seq_of: dict[str, int]
-    bytes: int
 
 
 class SqliteFaissStorage:
@@ -120,7 +54,9 @@ class SqliteFaissStorage:
         self._conns: list[sqlite3.Connection] = []
         self._db().executescript(SCHEMA)
         t0 = time.perf_counter()
-        self._live: dict[str, _Live] = {}
+        (cursor,) = self._db().execute("SELECT coalesce(max(n), 0) FROM changes").fetchone()
+        self._cursor = int(cursor)  # the change log read so far (replicas: :meth:`refresh`)
+        self._live: dict[str, LiveBank] = {}
         for spec in self._specs():
             self._live[spec.name] = self._load(spec)
         log.info(
@@ -171,9 +107,9 @@ class SqliteFaissStorage:
         )
         return [BankSpec(*r) for r in rows]
 
-    def _load(self, spec: BankSpec) -> _Live:
+    def _load(self, spec: BankSpec) -> LiveBank:
         """The bank's index rebuilt from its rows."""
-        live = _Live(spec, _new_index(spec.dim), {}, {}, 0)
+        live = LiveBank(spec, new_index(spec.dim), {}, {}, 0)
         rows = self._db().execute(
             "SELECT i.seq, i.id, i.embedding, length(m.png) FROM items i JOIN images m "
             "ON m.seq = i.seq WHERE i.bank = ? ORDER BY i.seq",
@@ -187,14 +123,15 @@ class SqliteFaissStorage:
             live.ids[seq] = item_id
             live.seq_of[item_id] = seq
             live.bytes += len(emb) + size
+            live.sizes[seq] = len(emb) + size
             if len(vecs) >= 4096:
-                _add(live.index, seqs, vecs, spec.dim)
+                add_vectors(live.index, seqs, vecs, spec.dim)
                 seqs, vecs = [], []
         if vecs:
-            _add(live.index, seqs, vecs, spec.dim)
+            add_vectors(live.index, seqs, vecs, spec.dim)
         return live
 
-    def _bank(self, name: str) -> _Live:
+    def _bank(self, name: str) -> LiveBank:
         live = self._live.get(name)
         if live is None:
             raise BankNotFound(name)
@@ -221,8 +158,9 @@ class SqliteFaissStorage:
                         time.time(),
                     ),
                 )
+                _log(db, spec.name, None, "create")
             with self._index_lock:
-                self._live[spec.name] = _Live(spec, _new_index(spec.dim), {}, {}, 0)
+                self._live[spec.name] = LiveBank(spec, new_index(spec.dim), {}, {}, 0)
             return spec, True
 
     def info(self, name: str) -> BankInfo | None:
@@ -245,6 +183,7 @@ class SqliteFaissStorage:
                 )
                 db.execute("DELETE FROM items WHERE bank = ?", (name,))
                 db.execute("DELETE FROM banks WHERE name = ?", (name,))
+                _log(db, name, None, "drop")
             with self._index_lock:
                 del self._live[name]
             return True
@@ -276,6 +215,7 @@ class SqliteFaissStorage:
                         db.execute("DELETE FROM items WHERE seq = ?", (old[0],))
                         db.execute("DELETE FROM images WHERE seq = ?", (old[0],))
                         removed.append(old[0])
+                        _log(db, name, old[0], "del")
                         delta -= old[2] + size
                     emb = np.ascontiguousarray(item.embedding, dtype=np.float32).tobytes()
                     cur = db.execute(
@@ -285,19 +225,22 @@ class SqliteFaissStorage:
                     seq = int(cur.lastrowid or 0)
                     db.execute("INSERT INTO images VALUES (?, ?)", (seq, item.png))
                     added.append((seq, item))
+                    _log(db, name, seq, "add")
                     delta += len(emb) + len(item.png)
                     statuses.append("replaced" if old is not None else "added")
             with self._index_lock:
                 if removed:
-                    _remove(live.index, removed)
+                    remove_ids(live.index, removed)
                     for seq in removed:
                         live.seq_of.pop(live.ids.pop(seq), None)
+                        live.sizes.pop(seq, None)
                 if added:
                     vecs = np.stack([it.embedding for _, it in added]).astype(np.float32)
                     live.index.add_with_ids(vecs, np.asarray([s for s, _ in added], np.int64))
                     for seq, it in added:
                         live.ids[seq] = it.id
                         live.seq_of[it.id] = seq
+                        live.sizes[seq] = 4 * live.spec.dim + len(it.png)
                 live.bytes += delta
             return statuses
 
@@ -315,12 +258,67 @@ class SqliteFaissStorage:
                 ).fetchone()
                 db.execute("DELETE FROM items WHERE seq = ?", (seq,))
                 db.execute("DELETE FROM images WHERE seq = ?", (seq,))
+                _log(db, name, seq, "del")
             with self._index_lock:
-                _remove(live.index, [seq])
+                remove_ids(live.index, [seq])
                 del live.ids[seq]
                 del live.seq_of[item_id]
                 live.bytes -= size
+                live.sizes.pop(seq, None)
             return True
+
+    # -- replicas ------------------------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Apply the changes other processes made to the shared SQLite file since the last call (the
+        change log ``changes``, written in each change's transaction) to this process's indexes;
+        returns how many were read. Idempotent: a change already applied is skipped."""
+        with self._write:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT n, bank, seq, kind FROM changes WHERE n > ? ORDER BY n", (self._cursor,)
+                )
+                .fetchall()
+            )
+            for n, bank, seq, kind in rows:
+                self._apply(bank, seq, kind)
+                self._cursor = n
+            return len(rows)
+
+    def _apply(self, bank: str, seq: int | None, kind: str) -> None:
+        live = self._live.get(bank)
+        if kind == "create" and live is None:
+            spec = next((s for s in self._specs() if s.name == bank), None)
+            if spec is not None:
+                loaded = self._load(spec)
+                with self._index_lock:
+                    self._live[bank] = loaded
+        elif kind == "drop" and live is not None:
+            with self._index_lock:
+                del self._live[bank]
+        elif kind == "del" and live is not None and seq in live.ids:
+            with self._index_lock:
+                remove_ids(live.index, [seq])
+                live.seq_of.pop(live.ids.pop(seq), None)
+                live.bytes -= live.sizes.pop(seq, 0)
+        elif kind == "add" and live is not None and seq not in live.ids:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT i.id, i.embedding, length(m.png) FROM items i JOIN images m "
+                    "ON m.seq = i.seq WHERE i.seq = ?",
+                    (seq,),
+                )
+                .fetchone()
+            )
+            if row is not None and seq is not None:  # None: deleted again since
+                with self._index_lock:
+                    add_vectors(live.index, [seq], [row[1]], live.spec.dim)
+                    live.ids[seq] = row[0]
+                    live.seq_of[row[0]] = seq
+                    live.bytes += len(row[1]) + row[2]
+                    live.sizes[seq] = len(row[1]) + row[2]
 
     # -- search --------------------------------------------------------------------------------
 
@@ -375,18 +373,8 @@ class SqliteFaissStorage:
         return out
 
 
-def _new_index(dim: int) -> faiss.IndexIDMap2:
-    return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
-
-
-def _add(index: faiss.IndexIDMap2, seqs: list[int], vecs: list[bytes], dim: int) -> None:
-    x = np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(vecs), dim)
-    index.add_with_ids(x, np.asarray(seqs, dtype=np.int64))
-
-
-def _remove(index: faiss.IndexIDMap2, seqs: list[int]) -> None:
-    ids: Any = np.asarray(seqs, dtype=np.int64)  # the SWIG wrapper takes an id array
-    index.remove_ids(ids)
+def _log(db: sqlite3.Connection, bank: str, seq: int | None, kind: str) -> None:
+    db.execute("INSERT INTO changes (bank, seq, kind) VALUES (?, ?, ?)", (bank, seq, kind))
 
 
 def open_storage(engine: str, data_dir: Path, milvus_uri: str = "") -> BankStorage:

@@ -4,6 +4,7 @@ idempotent adds, the mirror option, and the error codes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import random
@@ -196,3 +197,23 @@ async def test_async_client_bank_operations(tiny_store: Path, tmp_path: Path) ->
             await c.bank_delete("kb")
             with pytest.raises(ClientError):
                 await c.bank_info("kb")
+
+
+async def test_two_replicas_on_one_data_dir_see_the_same_bank(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """Two apps on one data directory (replicas on one volume): an item added through one is found
+    through the other within the refresh interval (the staleness bound), and a removal likewise."""
+    img = jpegs(1, start=60)[0]
+    s = tiny_settings(tiny_store, data_dir=tmp_path, bank_refresh_s=0.1)
+    async with serve(s) as (one, _), serve(s) as (two, _):
+        assert (await one.put("/banks/shared")).status_code == 201
+        assert (await add_json(one, "shared", {"a": img})).status_code == 200
+        await asyncio.sleep(0.5)
+        r = await two.post("/banks/shared/search", json={"image": b64(img)})
+        assert r.status_code == 200, r.text
+        assert [m["id"] for m in r.json()["matches"]] == ["a"]
+        assert (await two.delete("/banks/shared/items/a")).status_code == 204
+        await asyncio.sleep(0.5)
+        r = await one.post("/banks/shared/search", json={"image": b64(img)})
+        assert r.json()["matches"] == []

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from app.bank.base import BankNotFound, BankSpec, NewItem
 from app.bank.embedding import dimension, embed, radius
-from app.bank.storage import BankNotFound, BankSpec, NewItem, SqliteFaissStorage
+from app.bank.storage import SqliteFaissStorage
 from app.imaging import load_tensor
 from app.metric.engine import Engine
 from app.metric.lpips import distance_from_features
@@ -139,3 +140,32 @@ def test_searches_run_while_items_are_inserted(tmp_path: Path) -> None:
         t.join()
     assert not errors and all(len(m) > 5 and m == sorted(m) for m in seen)
     store.close()
+
+
+def test_a_replica_on_the_same_file_sees_changes_after_refresh(tmp_path: Path) -> None:
+    """Two storages on one SQLite file (two service replicas on one volume): what one writes, the
+    other's index holds after its next ``refresh`` (adds, replacements, removals, drops, re-creates)."""
+    a, b = SqliteFaissStorage(tmp_path), SqliteFaissStorage(tmp_path)
+    z = np.zeros((1, 4), np.float32)
+    a.create(spec(dim=4))
+    assert b.info("b") is None and b.refresh() == 1 and b.info("b") is not None
+    a.upsert("b", [item("x", np.ones(4)), item("y", np.full(4, 2.0))])
+    assert b.candidates("b", z, 1e9, 10)[0] == 0
+    b.refresh()
+    assert b.candidates("b", z, 1e9, 10) == a.candidates("b", z, 1e9, 10)
+    a.upsert("b", [item("x", np.full(4, 3.0), b"new")])  # replaced
+    a.remove("b", "y")
+    b.refresh()
+    assert b.candidates("b", z, 1e9, 10) == (1, [("x", 36.0)])
+    assert b.info("b") == a.info("b")
+    b.upsert("b", [item("w", np.ones(4))])  # the other way round, and idempotent on its own writes
+    a.refresh()
+    assert b.refresh() >= 1 and a.info("b") == b.info("b") and a.info("b").items == 2  # type: ignore[union-attr]
+    a.drop("b")
+    a.create(spec(dim=4))
+    a.upsert("b", [item("v", np.ones(4))])
+    b.refresh()
+    assert b.candidates("b", z, 1e9, 10) == a.candidates("b", z, 1e9, 10)
+    assert b.candidates("b", z, 1e9, 10)[0] == 1
+    a.close()
+    b.close()
