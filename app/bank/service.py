@@ -214,6 +214,7 @@ class BankService:
             self.storage.candidates, name, vecs, radius(thr), max_checked
         )
         chosen = [i for i, _ in found]
+        t_index = time.perf_counter()
         pngs = await asyncio.to_thread(self.storage.images, name, chosen)
         r = spec.resolution
         items = await self.rt.run_cpu(
@@ -234,7 +235,8 @@ class BankService:
         matches.sort(key=lambda x: x.distance)
         timing = {
             "embed": (t1 - t0) * 1e3,
-            "index": (t2 - t1) * 1e3,
+            "index": (t_index - t1) * 1e3,
+            "load": (t2 - t_index) * 1e3,
             "exact": (t3 - t2) * 1e3,
         }
         return SearchResult(matches[:limit], count, len(kept), thr, timing)
