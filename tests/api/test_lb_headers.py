@@ -11,10 +11,12 @@ import logging.config
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.config import Settings
 from app.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, log_config
+from app.main import create_app
 from tests.support.apiutil import jpegs, multipart, runtime, serve, tiny_settings
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -125,3 +127,13 @@ def test_drain_lasts_at_least_one_probe_interval() -> None:
     assert "127.0.0.1" in s.forwarded_allow_ips.split(",") and "*" not in s.forwarded_allow_ips
     with pytest.raises(ValueError, match="drain_s"):
         Settings(drain_s=30, grace_s=30)
+
+
+async def test_root_path_puts_the_prefix_in_the_api_docs(tiny_store: Path) -> None:
+    """Behind a proxy that strips ``/rlpips`` (uvicorn sets the ASGI root path from RLPIPS_ROOT_PATH)."""
+    app = create_app(tiny_settings(tiny_store, root_path="/rlpips"))
+    transport = httpx.ASGITransport(app=app, root_path="/rlpips")
+    async with httpx.AsyncClient(transport=transport, base_url="http://lb") as client:
+        r = await client.get("/openapi.json")
+        assert r.status_code == 200 and r.json()["servers"] == [{"url": "/rlpips"}]
+        assert "url: '/rlpips/openapi.json'" in (await client.get("/docs")).text

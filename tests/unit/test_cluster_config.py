@@ -7,11 +7,13 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from app.cli.cluster import NGINX_DIR, nginx_binary, render_nginx, render_upstream
+from app.cli.cluster import NGINX_DIR, free_ports, nginx_binary, render_nginx, render_upstream
 from app.config import Settings
 
 PROXY = (NGINX_DIR / "rlpips-proxy.conf").read_text()
@@ -78,15 +80,46 @@ def test_rendering_for_loopback_replicas() -> None:
         render_upstream(COMPOSE.replace("listen 80;", "listen 81;"), 1, [2], Path("p"), "hash")
 
 
-def test_rendered_config_passes_nginx_t(tmp_path: Path) -> None:
+def _nginx() -> str:
     binary = nginx_binary()
     if binary is None:
         message = "nginx is not installed (Debian package nginx; .ci/run installs it)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+    return binary
+
+
+def test_rendered_config_passes_nginx_t(tmp_path: Path) -> None:
+    binary = _nginx()
     conf = render_nginx(tmp_path, 18999, [18001, 18002])
     done = subprocess.run(
         [binary, "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_nginx_own_errors_are_json_with_the_request_id(tmp_path: Path) -> None:
+    """nginx alone, its replicas' ports closed: 502 and 413 come from nginx, as JSON."""
+    binary = _nginx()
+    port, *dead = free_ports(3, exclude=set())
+    conf = render_nginx(tmp_path, port, dead)
+    proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp_path)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.post(f"{url}/distance", content=b"{}", headers={"X-Request-ID": "x-1"})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, (tmp_path / "error.log").read_text()
+                time.sleep(0.1)
+        assert r.status_code == 502 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == "bad_gateway" and r.headers["x-request-id"] == "x-1"
+        big = httpx.post(f"{url}/distance", content=b"\0" * (33 * 1024 * 1024), timeout=30)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+        assert len(big.headers["x-request-id"]) == 32  # nginx's own $request_id
+    finally:
+        proc.terminate()
+        proc.wait(10)
