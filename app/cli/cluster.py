@@ -172,8 +172,8 @@ class Cluster:
 
     def start(self, ready_timeout_s: float) -> None:
         """Start the replicas, wait until all are ready, then start nginx and wait for it."""
-        ports = free_ports(self.replicas + 1, exclude={self.port})
-        self.members = [Replica(i, p) for i, p in enumerate(ports[: self.replicas])]
+        ports = free_ports(self.replicas, exclude={self.port})
+        self.members = [Replica(i, p) for i, p in enumerate(ports)]
         for replica in self.members:
             self._start_replica(replica)
         deadline = time.monotonic() + ready_timeout_s
