@@ -24,6 +24,7 @@ def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "RLPIPS_MODELS": "lpips-alex",
         "RLPIPS_DEFAULT_MODEL": "lpips-alex",
         "RLPIPS_MAX_WAIT_MS": "10",
+        "RLPIPS_DRAIN_S": "2",  # the drain period this module was written for (default 10 s)
     }
     srv = launch(weights_dir, log, env)
     proc = srv.proc

@@ -26,10 +26,6 @@ NGINX_CONF = DEPLOY / "nginx" / "compose.conf"
 #: The replica services: the nginx upstream (deploy/nginx/compose.conf) and Prometheus' DNS discovery
 #: name them.
 REPLICAS = ("rlpips-cpu", "rlpips-gpu")
-#: Bind-mount sources written on another branch (the load balancer's config); allowed to be missing
-#: until it is merged. The lead empties this set after the merge: a file listed here that exists fails
-#: the test, so the set cannot go stale.
-PENDING_FILES = {"deploy/nginx/compose.conf", "deploy/nginx/rlpips-proxy.conf"}
 
 
 def compose() -> dict[str, Any]:
@@ -107,10 +103,7 @@ def test_lb_is_a_pinned_nginx_in_front_of_both_profiles() -> None:
 
 
 def test_replica_names_are_the_lb_upstream() -> None:
-    """compose.conf's upstream names the replica services on 8000 (checked once it is merged)."""
-    if not NGINX_CONF.is_file():
-        assert "deploy/nginx/compose.conf" in PENDING_FILES
-        pytest.skip("deploy/nginx/compose.conf comes with the load-balancer branch")
+    """compose.conf's upstream names the replica services on 8000."""
     text = NGINX_CONF.read_text()
     for name in REPLICAS:
         assert re.search(rf"^\s*server\s+{name}:8000\s[^;]*\bresolve\b", text, re.MULTILINE), name
@@ -123,11 +116,9 @@ def test_every_bind_mount_source_exists() -> None:
             if source.startswith("$"):
                 continue  # a host path chosen by a variable (the weights folder)
             rel = os.path.normpath(source)
-            if not (ROOT / rel).exists() and rel not in PENDING_FILES:
+            if not (ROOT / rel).exists():
                 missing.append(f"{name}: {source}")
     assert not missing, missing
-    stale = sorted(p for p in PENDING_FILES if (ROOT / p).exists())
-    assert not stale, f"merged: remove {stale} from PENDING_FILES"
 
 
 def test_compose_shutdown_arithmetic() -> None:
