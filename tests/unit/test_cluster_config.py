@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from app.cli.cluster import NGINX_DIR, free_ports, nginx_binary, render_nginx, render_upstream
 from app.config import Settings
+from tests.support.tools import missing
 
 PROXY = (NGINX_DIR / "rlpips-proxy.conf").read_text()
 COMPOSE = (NGINX_DIR / "compose.conf").read_text()
@@ -81,13 +81,9 @@ def test_rendering_for_loopback_replicas() -> None:
 
 
 def _nginx() -> str:
-    binary = nginx_binary()
-    if binary is None:
-        message = "nginx is not installed (Debian package nginx; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return nginx_binary() or missing(
+        "nginx is not installed (Debian package nginx; .ci/run installs it)"
+    )
 
 
 def test_rendered_config_passes_nginx_t(tmp_path: Path) -> None:

