@@ -7,7 +7,8 @@ Two subcommands:
   torchvision, numpy, Pillow, httpx… are used as they are), the offline weights, the golden pairs and a
   sample of ImageNet JPEGs and Kodak images.
 * ``run`` (there): installs the wheels into ``BUNDLE/site`` (``--no-deps``, never touching torch), then
-  runs the ``gpu``-marked tests, measures fp16/bf16 parity with fp32 on the golden pairs, raw pairs/s at
+  runs the ``gpu``-marked tests, measures fp16/bf16 parity with fp32 on the golden pairs, JPEG decoding
+  on the device (nvJPEG) against the Pillow path (distance parity and images/s), raw pairs/s at
   256² (batch 32/128/256) and the end-to-end service at several concurrency levels with real JPEG uploads
   (clients on the same machine's CPUs), and writes ``gpu-check.json`` and ``gpu-check.log`` into ``--out``.
   ``--dry-run`` does the same on the CPU with tiny sizes (the test suite runs it, so it cannot rot).
@@ -181,6 +182,13 @@ def parity(device: str, sizes: tuple[int | None, ...]) -> dict[str, Any]:
     return out
 
 
+def _device_decode(device: str, size: int, images: int) -> dict[str, Any]:
+    """JPEG decode + resize on ``device`` against the Pillow path (benchmarks/device_decode.py)."""
+    from benchmarks.device_decode import measure
+
+    return measure(device, size, images, SHARED)
+
+
 def _golden_pairs(expected: dict[str, Any]) -> list[tuple[str, str]]:
     """The (reference, distorted) paths of ``expected.json``, relative to the golden folder."""
     ex = expected["lpips_examples"]
@@ -339,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     step("gpu_tests", gpu_tests, env, dry, out)
     step("parity", parity, device, (None,) if dry else (None, 256))
+    step("device_decode", _device_decode, device, 64 if dry else 256, 8 if dry else 96)
     step(
         "raw",
         raw_throughput,
