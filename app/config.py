@@ -1,5 +1,6 @@
 """All settings in one place: environment variables with prefix ``RLPIPS_`` (pydantic-settings), and
-the choices they imply (device, trunk precision). Imports nothing of the app but the model store."""
+the choices they imply (device, trunk precision). Imports nothing of the app but the model store and
+the log format names."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.logs import LogFormat
 from app.metric.store import DEFAULT_STORE, ModelStore
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -175,7 +177,22 @@ class Settings(BaseSettings):
     )
     grace_s: float = Field(30.0, gt=0, description="shutdown bound, SIGTERM to exit (seconds)")
     drain_s: float = Field(
-        2.0, ge=0, description="after SIGTERM, answer 503 draining this long before closing"
+        10.0,
+        ge=0,
+        description="after SIGTERM, answer 503 draining this long before closing (at least one "
+        "load balancer probe interval, so the LB sees the failing /readyz and stops routing here)",
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
+        description="peers (IPs or CIDR networks, comma-separated; * for any) whose X-Forwarded-For "
+        "and X-Forwarded-Proto are trusted: loopback and the private networks load balancers, "
+        "compose and Kubernetes use; a client on a public address cannot set them",
+    )
+    root_path: str = Field(
+        "", description="ASGI root path when a proxy serves the API under a path prefix"
+    )
+    log_format: LogFormat = Field(
+        "text", description="log lines as text or one JSON object per line (with request_id)"
     )
 
     @field_validator("models", "api_keys", mode="before")

@@ -20,7 +20,13 @@ from starlette.routing import Route
 
 from app.api import banks, distance, errors, openapi, pages, probes, robustness
 from app.api.auth import PROBE_PATHS, ApiKeyMiddleware
-from app.api.middleware import DrainMiddleware, MetricsMiddleware, RequestBodyMiddleware
+from app.api.middleware import (
+    CloseWhileDrainingMiddleware,
+    DrainMiddleware,
+    MetricsMiddleware,
+    RequestBodyMiddleware,
+)
+from app.api.requestid import RequestIdMiddleware
 from app.bank.base import BankStorage
 from app.bank.service import BankService
 from app.bank.storage import open_storage
@@ -109,7 +115,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.state.telemetry.declare_endpoints([*sorted(paths), "other"])
 
-    # Middleware, outermost last: metrics → drain → API keys → catch-all 500 → body → routes.
+    def draining() -> bool:
+        runtime: Runtime | None = app.state.runtime
+        return runtime is not None and runtime.draining
+
+    # Middleware, outermost last: request ID → metrics → close while draining → drain → API keys →
+    # catch-all 500 → body → routes.
     app.add_middleware(
         RequestBodyMiddleware,
         max_bytes=settings.max_body_bytes,
@@ -124,7 +135,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         DrainMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
+    app.add_middleware(CloseWhileDrainingMiddleware, draining=draining)
     app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry, endpoint_of=endpoint_of)
+    app.add_middleware(RequestIdMiddleware)
     if settings.api_keys:
         log.info("API keys required (%d configured)", len(settings.api_keys))
     return app

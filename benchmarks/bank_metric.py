@@ -161,9 +161,8 @@ def main() -> None:
         }
         embs = {g: embed(heads, feats, g).numpy() for g in GRIDS}
         unrelated = {}
-        iu = np.triu_indices(n, 1)
         for g, e in embs.items():
-            b = ((e[iu[0]] - e[iu[1]]) ** 2).sum(1)
+            b = _all_pairs(torch.from_numpy(e))
             unrelated[g] = np.sort(b)
             out[f"grid{g}"] = {
                 "dimension": int(e.shape[1]),

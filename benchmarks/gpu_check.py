@@ -7,9 +7,11 @@ Two subcommands:
   torchvision, numpy, Pillow, httpx… are used as they are), the offline weights, the golden pairs and a
   sample of ImageNet JPEGs and Kodak images.
 * ``run`` (there): installs the wheels into ``BUNDLE/site`` (``--no-deps``, never touching torch), then
-  runs the ``gpu``-marked tests, measures fp16/bf16 parity with fp32 on the golden pairs, raw pairs/s at
-  256² (batch 32/128/256) and the end-to-end service at several concurrency levels with real JPEG uploads
-  (clients on the same machine's CPUs), and writes ``gpu-check.json`` and ``gpu-check.log`` into ``--out``.
+  runs the ``gpu``-marked tests, measures fp16/bf16 parity with fp32 on the golden pairs, JPEG decoding
+  on the device (nvJPEG) against the Pillow path (distance parity and images/s), raw pairs/s at
+  256² (batch 32/128/256), the end-to-end service at several concurrency levels with real JPEG uploads
+  (clients on the same machine's CPUs) and the same with 1, 4 and 8 replica processes sharing the device
+  (the serving shape), and writes ``gpu-check.json`` and ``gpu-check.log`` into ``--out``.
   ``--dry-run`` does the same on the CPU with tiny sizes (the test suite runs it, so it cannot rot).
 
     make gpu-bundle                                   # here
@@ -181,6 +183,25 @@ def parity(device: str, sizes: tuple[int | None, ...]) -> dict[str, Any]:
     return out
 
 
+def _device_decode(device: str, size: int, images: int) -> dict[str, Any]:
+    """JPEG decode + resize on ``device`` against the Pillow path (benchmarks/device_decode.py)."""
+    from benchmarks.device_decode import measure
+
+    return measure(device, size, images, SHARED)
+
+
+def _service(*args: Any) -> dict[str, Any]:
+    from benchmarks.gpu_service import service
+
+    return service(SHARED, *args)
+
+
+def _replicas(*args: Any) -> dict[str, Any]:
+    from benchmarks.gpu_service import replicas
+
+    return replicas(SHARED, *args)
+
+
 def _golden_pairs(expected: dict[str, Any]) -> list[tuple[str, str]]:
     """The (reference, distorted) paths of ``expected.json``, relative to the golden folder."""
     ex = expected["lpips_examples"]
@@ -237,75 +258,6 @@ def raw_throughput(
     return out
 
 
-def service(
-    env: dict[str, str], dry: bool, levels: list[tuple[int, int]], seconds: float, out: Path
-) -> dict[str, Any]:
-    """``rlpips serve`` on the device with real JPEG uploads from ``clients`` processes per level."""
-    from benchmarks.soak import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_env = {
-        "RLPIPS_WEIGHTS_DIR": str(SHARED / "weights"),
-        "RLPIPS_DEVICE": "cpu" if dry else "cuda",
-        "RLPIPS_RESOLUTION": "64" if dry else "256",
-        "RLPIPS_MAX_BATCH_PAIRS": "32" if dry else "256",
-        "RLPIPS_MAX_WAIT_MS": "0" if dry else "2",
-        "RLPIPS_CACHE_ENTRIES": "0",
-        "RLPIPS_QUEUE_SIZE": "4096",
-    }
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with (out / "server.log").open("wb") as server_log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | env | server_env, stdout=server_log,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    results: dict[str, Any] = {"settings": server_env, "levels": []}
-    try:
-        _wait_ready(url, proc)
-        for clients, concurrency in levels:
-            results["levels"].append(_level(url, env, clients, concurrency, seconds))
-            log.info("service level %s", results["levels"][-1])
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    return results
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
-    import httpx
-
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("server not ready")
-
-
-def _level(
-    url: str, env: dict[str, str], clients: int, concurrency: int, seconds: float
-) -> dict[str, Any]:
-    """``clients`` load-generator processes, ``concurrency`` connections in all, real JPEG pairs."""
-    per = max(1, concurrency // clients)
-    cmd = [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--concurrency", str(per),
-           "--duration", str(seconds), "--warmup", str(min(3.0, seconds))]  # fmt: skip
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=os.environ | env, stdout=subprocess.PIPE, text=True)
-             for _ in range(clients)]  # fmt: skip
-    reports = [json.loads(p.communicate(timeout=seconds * 4 + 120)[0]) for p in procs]
-    return {
-        "clients": clients,
-        "concurrency": per * clients,
-        "pairs_per_s": round(sum(r["pairs_per_s"] for r in reports), 1),
-        "errors": sum(r["errors"] for r in reports),
-        "p50_ms_max": max(r["p50_ms"] for r in reports),
-        "p99_ms_max": max(r["p99_ms"] for r in reports),
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -339,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     step("gpu_tests", gpu_tests, env, dry, out)
     step("parity", parity, device, (None,) if dry else (None, 256))
+    step("device_decode", _device_decode, device, 64 if dry else 256, 8 if dry else 96)
     step(
         "raw",
         raw_throughput,
@@ -348,7 +301,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         0.5 if dry else 5.0,
     )
     levels = [(1, 4)] if dry else [(1, 16), (4, 64), (8, 256)]
-    step("service", service, env, dry, levels, 1.0 if dry else 12.0, out)
+    step("service", _service, env, dry, levels, 1.0 if dry else 12.0, out)
+    # the serving shape (issue 15): K replica processes sharing the device, clients spread over them
+    shapes = (1, 2) if dry else (1, 4, 8)
+    step(
+        "replicas",
+        _replicas,
+        env,
+        dry,
+        shapes,
+        (2, 4) if dry else (8, 256),
+        1.0 if dry else 10.0,
+        out,
+    )
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

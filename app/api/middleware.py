@@ -6,6 +6,8 @@
   read (401, 413, 415, 422, 503…) would otherwise reach a client that sends its whole body before
   reading (``Connection: close``: urllib, requests, nginx towards upstreams) as a connection reset,
   because the server closes a socket with unread data. The rest of the body is read and dropped first.
+* :class:`CloseWhileDrainingMiddleware` answers ``Connection: close`` once the service is draining, so
+  clients and load balancers open their next connection elsewhere instead of reusing this one.
 * :class:`MetricsMiddleware` counts and times every request by endpoint and status.
 """
 
@@ -171,6 +173,28 @@ def _closing(message: Message) -> Message:
     """The response start with ``Connection: close`` (the server then closes after the answer)."""
     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
     return {**message, "headers": [*headers, (b"connection", b"close")]}
+
+
+class CloseWhileDrainingMiddleware:
+    """Every response started while ``draining()`` is true says ``Connection: close`` (the server then
+    closes the connection after it): keep-alive connections, a load balancer's pooled ones included,
+    leave a draining replica with their next request instead of meeting its closed listener."""
+
+    def __init__(self, app: ASGIApp, draining: Callable[[], bool]) -> None:
+        self.app = app
+        self.draining = draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.draining():
+                message = _closing(message)
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
 
 
 class MetricsMiddleware:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from app.cli import bank, experiments, robustness, serve, train
+from app.cli import bank, cluster, experiments, robustness, serve, train
 from app.cli.args import add_device_arg, resolution_arg
 from app.cli.remote import add_remote_args, cmd_remote_distance
 from app.config import Settings, pick_device
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_distance(sub)
     _register_store(sub)
     serve.register(sub)
+    cluster.register(sub)
     robustness.register(sub)
     bank.register(sub)
     train.register(sub)

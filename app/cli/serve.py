@@ -10,13 +10,18 @@ signal. A second signal skips the rest of the drain period.
 
 Connections are served by :class:`~app.api.protocol.GuardedProtocol` (header timeout and size, idle
 connections closed, JSON bodies for HTTP-level errors); the access log never shows query strings (a
-client may put a secret there).
+client may put a secret there). Log lines carry the request ID, as text or JSON (``RLPIPS_LOG_FORMAT``);
+``X-Forwarded-For`` / ``-Proto`` are trusted from ``RLPIPS_FORWARDED_ALLOW_IPS`` only.
+
+One process per container (or per ``rlpips cluster`` replica): scaling out is replicas behind a load
+balancer, not uvicorn workers (measured in docs/deploy/load-balancer.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import math
 import os
 import signal
@@ -29,6 +34,7 @@ from fastapi import FastAPI
 
 from app.api.protocol import guarded_protocol
 from app.config import Settings
+from app.logs import log_config
 from app.main import create_app
 from app.serving.runtime import Runtime
 
@@ -104,6 +110,7 @@ def _start_watchdog(grace_s: float) -> None:
 
 def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
     """Serve one app on ``host:port`` until a signal; returns after the graceful shutdown."""
+    logging.config.dictConfig(log_config(settings.log_format, log_level))  # before the app logs
     app = create_app(settings)
     in_flight_s = settings.grace_s - settings.drain_s - STOP_MARGIN_S
     config = uvicorn.Config(
@@ -114,6 +121,10 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> 
         http=guarded_protocol(settings.header_timeout_s, MAX_HEADER_BYTES),
         timeout_keep_alive=max(1, math.ceil(settings.keepalive_timeout_s)),
         timeout_graceful_shutdown=max(1, int(in_flight_s)),
+        log_config=None,  # configured above
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        root_path=settings.root_path,
     )
     logging.getLogger("uvicorn.access").addFilter(RedactQuery())
     DrainingServer(config, app, settings.drain_s, settings.grace_s).run()
@@ -130,20 +141,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(sig, _exit_after_shutdown)
     if args.grace is not None:
         settings = Settings.model_validate(settings.model_dump() | {"grace_s": args.grace})
-    if args.workers == 1:  # drain period, then a graceful shutdown bounded by the grace period
-        serve(settings, args.host, args.port, args.log_level)
-        return 0
-    uvicorn.run(  # several processes: uvicorn's supervisor (graceful, without the drain period)
-        "app.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=max(1, int(settings.grace_s - STOP_MARGIN_S)),
-        http=guarded_protocol(settings.header_timeout_s, MAX_HEADER_BYTES),
-        timeout_keep_alive=max(1, math.ceil(settings.keepalive_timeout_s)),
-    )
+    serve(settings, args.host, args.port, args.log_level)
     return 0
 
 
@@ -151,7 +149,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--grace",

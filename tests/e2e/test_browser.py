@@ -10,7 +10,6 @@ also writes the page's screenshot (JPEG) there (``make screenshot`` updates the 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,7 +20,8 @@ from PIL import Image, ImageOps
 from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
 
 from tests.support import IMAGENET
-from tests.support.serverutil import Server, launch, wait_ready
+from tests.support.serverutil import Server, running
+from tests.support.tools import system_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -33,18 +33,6 @@ IMAGES = sorted(IMAGENET.glob("*.JPEG"))[60:63]
 SCREENSHOT = os.environ.get("RLPIPS_UI_SCREENSHOT")
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or next(
-        (p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).is_file()), None
-    )
-    if found is None:
-        message = "Chromium is not installed (Debian package chromium; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
 @pytest.fixture(scope="module")
 def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("browser") / "server.log"
@@ -54,19 +42,13 @@ def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "RLPIPS_API_KEYS": KEY,
         "RLPIPS_MAX_WAIT_MS": "5",
     }
-    srv = launch(weights_dir, log, env)
-    try:
-        wait_ready(srv)
+    with running(weights_dir, log, env) as srv:
         yield srv
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-            srv.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = _chromium()
+    executable = system_tool("chromium", "chromium")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         yield b

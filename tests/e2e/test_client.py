@@ -19,7 +19,7 @@ from rlpips_client import (
 
 from app.cli.main import main as cli_main
 from tests.support import IMAGENET, KODAK
-from tests.support.serverutil import Server, free_port, launch, wait_ready
+from tests.support.serverutil import Server, free_port, running
 
 pytestmark = pytest.mark.e2e
 KEY = "client-test-key"
@@ -36,14 +36,8 @@ def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "RLPIPS_MAX_WAIT_MS": "10",
         "RLPIPS_API_KEYS": KEY,
     }
-    srv = launch(weights_dir, log, env)
-    try:
-        wait_ready(srv)
+    with running(weights_dir, log, env) as srv:
         yield srv
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-            srv.proc.wait(30)
 
 
 def by_hand(server: Server, reference: Path, candidates: list[Path]) -> list[float]:

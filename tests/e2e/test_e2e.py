@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.support.apiutil import jpegs, metric, multipart
-from tests.support.serverutil import Server, launch, wait_ready
+from tests.support.serverutil import Server, running
 
 pytestmark = pytest.mark.e2e
 
@@ -24,16 +24,10 @@ def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "RLPIPS_MODELS": "lpips-alex",
         "RLPIPS_DEFAULT_MODEL": "lpips-alex",
         "RLPIPS_MAX_WAIT_MS": "10",
+        "RLPIPS_DRAIN_S": "2",  # the drain period this module was written for (default 10 s)
     }
-    srv = launch(weights_dir, log, env)
-    proc = srv.proc
-    try:
-        wait_ready(srv)
+    with running(weights_dir, log, env) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
 
 
 def test_request_and_metrics(server: Server) -> None:

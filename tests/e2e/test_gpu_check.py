@@ -17,12 +17,17 @@ def test_gpu_check_dry_run_completes_every_step(weights_dir: Path, tmp_path: Pat
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "gpu-check.json").read_text())
-    for step in ("gpu_tests", "parity", "raw", "service"):
+    for step in ("gpu_tests", "parity", "device_decode", "raw", "service", "replicas"):
         assert "error" not in report[step], (step, report[step])
     assert report["gpu_tests"]["returncode"] == 0
     assert "2/" in report["gpu_tests"]["summary"]  # both gpu tests collected
     assert report["parity"]["fp32@native"] == 0.0 and report["parity"]["fp16@native"] < 1e-3
+    decode = report["device_decode"]
+    assert decode["images"] == 8 and decode["lpips-alex"]["max_abs_diff"] < 3e-3
     assert all(v > 0 for k, v in report["raw"].items() if k.startswith("batch_"))
     level = report["service"]["levels"][0]
     assert level["pairs_per_s"] > 0 and level["errors"] == 0
+    shapes = report["replicas"]["shapes"]
+    assert [s["replicas"] for s in shapes] == [1, 2]
+    assert all(s["pairs_per_s"] > 0 and s["errors"] == 0 for s in shapes)
     assert (out / "gpu-check.log").stat().st_size > 0

@@ -12,7 +12,6 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ from tests.support import badinputs as bad
 from tests.support import hostile as h
 from tests.support.apiutil import metric
 from tests.support.serverutil import Server, free_port, launch, wait_ready
+from tests.support.tools import system_tool
 
 KEY = "hostile-test-key-7Qx"
 AUTH = {"X-API-Key": KEY}
@@ -451,23 +451,11 @@ def test_draining_answers_reach_clients_that_send_everything_first(
 # -- behind nginx with its default proxy settings ---------------------------------------------------
 
 
-def _nginx_binary() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
-    )
-    if found is None:
-        message = "nginx is not installed (Debian package nginx; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
 @pytest.fixture(scope="module")
 def nginx(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """nginx in front of the server with its default proxy settings (HTTP/1.0 and ``Connection: close``
     towards the upstream, request buffering on); only the body size limit is raised above 1 MB."""
-    binary = _nginx_binary()
+    binary = system_tool("nginx", "nginx")
     tmp = tmp_path_factory.mktemp("nginx")
     port = free_port()
     upstream = server.url.removeprefix("http://")

