@@ -327,11 +327,14 @@ def load_tensor(
     return to_tensor(resize(to_rgb(img, size), size))
 
 
-def tensor_to_png(x: Tensor) -> bytes:
-    """``[3, H, W]`` in ``[-1, 1]`` → lossless 8-bit PNG bytes (rounded to the nearest level)."""
+def tensor_to_png(x: Tensor, compress_level: int = 6) -> bytes:
+    """``[3, H, W]`` in ``[-1, 1]`` → lossless 8-bit PNG bytes (rounded to the nearest level);
+    ``compress_level`` 0-9 (zlib: 1 encodes a 256² photo about 3× faster than 6, 9 % larger)."""
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     buf = io.BytesIO()
-    Image.fromarray(arr.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    Image.fromarray(arr.permute(1, 2, 0).numpy()).save(
+        buf, format="PNG", compress_level=compress_level
+    )
     return buf.getvalue()
 
 

@@ -6,8 +6,9 @@ rate, search latency at growing bank sizes, memory and disk per item.
 2. Search latency (``POST /banks/kb/search``, one at a time, ``--searches`` JPEG-q50 copies of bank
    images) at that size, then after filling the bank to each of ``--sizes`` with synthetic items
    written straight to the storage: embeddings mixed from two real ones (``λ·e_a + (1−λ)·e_b``), each
-   with a small flat-colour PNG (the exact stage costs one trunk pass per checked item whatever its
-   content). Recall is *not* measured on this fill (see ``benchmarks/bank_metric.py``).
+   with a small flat-colour PNG of its own colour (the exact stage costs one trunk pass per distinct
+   checked image whatever its content; identical images would share one). Recall is *not* measured
+   on this fill (see ``benchmarks/bank_metric.py``).
 3. Resident memory per filled item (VmRSS delta / items).
 
     nice -n 10 python -m benchmarks.bank --ingest 256 --sizes 10000,100000 --out docs/benchmarks/bank.json
@@ -103,15 +104,20 @@ async def _search(
     }
 
 
+def _png(k: int) -> bytes:
+    """A small flat-colour 256² PNG, a different colour (so a distinct image) for each ``k``."""
+    buf = io.BytesIO()
+    colour = (k % 251, (k // 251) % 251, (k // 63001) % 251)
+    Image.new("RGB", (256, 256), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _fill(storage: SqliteFaissStorage, target: int, rng: np.random.Generator) -> None:
     """Synthetic items up to ``target``: mixtures of two real embeddings, a flat-colour PNG each."""
     ids, vecs = storage.vectors("kb")
     real = vecs[[k for k, i in enumerate(ids) if i.startswith("img")]]  # not earlier fills
     have = storage.info("kb")
     assert have is not None
-    buf = io.BytesIO()
-    Image.new("RGB", (256, 256), (120, 110, 100)).save(buf, format="PNG")
-    png = buf.getvalue()
     n = target - have.items
     for s in range(0, n, 2000):
         k = min(2000, n - s)
@@ -119,7 +125,7 @@ def _fill(storage: SqliteFaissStorage, target: int, rng: np.random.Generator) ->
         lam = rng.uniform(0.2, 0.8, (k, 1)).astype(np.float32)
         vecs = lam * real[a] + (1 - lam) * real[b]
         items = [
-            NewItem(f"fill{have.items + s + j}", f"fill{have.items + s + j}", vecs[j], png)
+            NewItem(f"fill{have.items + s + j}", f"fill{have.items + s + j}", vecs[j], _png(s + j))
             for j in range(k)
         ]
         storage.upsert("kb", items)

@@ -170,7 +170,7 @@ class BankService:
         t1 = time.perf_counter()
 
         def store() -> list[Added]:
-            pngs = [tensor_to_png(im.tensor) for im in images]
+            pngs = [tensor_to_png(im.tensor, compress_level=1) for im in images]
             items = [
                 NewItem(i, content_key(p), v, p) for i, p, v in zip(ids, pngs, vecs, strict=True)
             ]
