@@ -217,3 +217,23 @@ async def test_two_replicas_on_one_data_dir_see_the_same_bank(
         await asyncio.sleep(0.5)
         r = await one.post("/banks/shared/search", json={"image": b64(img)})
         assert r.json()["matches"] == []
+
+
+async def test_bank_endpoints_need_an_api_key_when_keys_are_set(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    key = "bank-test-key-0123456789"
+    s = tiny_settings(tiny_store, data_dir=tmp_path, api_keys=key)
+    async with serve(s) as (client, _):
+        for method, path in (
+            ("PUT", "/banks/k"),
+            ("GET", "/banks/k"),
+            ("POST", "/banks/k/items"),
+            ("POST", "/banks/k/search"),
+            ("DELETE", "/banks/k/items/a"),
+            ("DELETE", "/banks/k"),
+        ):
+            r = await client.request(method, path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", path
+        r = await client.put("/banks/k", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 201
