@@ -73,7 +73,8 @@ def _direction(grad: Tensor, norm: Norm) -> Tensor:
     if norm == "linf":
         return grad.sign()
     n = torch.linalg.vector_norm(grad.flatten(1), dim=1).clamp_min(_TINY)
-    return grad / n.view(-1, 1, 1, 1)
+    out: Tensor = grad / n.view(-1, 1, 1, 1)
+    return out
 
 
 def _loss_and_grad(loss_fn: IndexedLoss, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -59,13 +59,15 @@ def _pseudo_gaussian(s: int, device: torch.device) -> Tensor:
         for c in range(r):
             y0, x0 = max(cy - c, 0), max(cx - c, 0)
             out[y0 : max(cy + c + 1, 0), x0 : max(cx + c + 1, 0)] += 1.0 / (c + 1) ** 2
-        return out / out.norm().clamp_min(_TINY)
+        unit: Tensor = out / out.norm().clamp_min(_TINY)
+        return unit
 
     d = torch.zeros(s, s, device=device)
     half = s // 2
     d[:half] = bump(half, s)
     d[half:] = -bump(s - half, s)
-    return d / d.norm().clamp_min(_TINY)
+    res: Tensor = d / d.norm().clamp_min(_TINY)
+    return res
 
 
 def _stripes(x: Tensor, norm: Norm, epsilon: float, g: torch.Generator) -> Tensor:

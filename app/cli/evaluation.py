@@ -9,6 +9,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,10 +44,16 @@ def _run(args: argparse.Namespace, settings: Settings, parts: tuple[str, ...]) -
         attack_steps=args.attack_steps, attack_queries=args.attack_queries,
         attack_epsilon=args.attack_epsilon, seed=args.seed,
     )  # fmt: skip
-    report = run_suite(cfg, settings.store(), "rlpips " + shlex.join(sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+
+    def save(report: dict[str, Any]) -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(out)
+
+    report = run_suite(cfg, settings.store(), "rlpips " + shlex.join(sys.argv[1:]), checkpoint=save)
+    save(report)
     table = render.markdown(report)
     out.with_suffix(".md").write_text(table)
     written = [] if args.no_plots else render.plots(report, out.with_suffix(""))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -100,9 +101,21 @@ def _agreement(scorers: dict[str, Scorer], x: Tensor, y: Tensor) -> dict[str, di
 
 
 def run_suite(
-    cfg: SuiteConfig, store: ModelStore, command: str = "", progress: bool = True
+    cfg: SuiteConfig,
+    store: ModelStore,
+    command: str = "",
+    progress: bool = True,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the selected ``cfg.parts`` for every model; the report (see the README for its fields)."""
+    """Run the selected ``cfg.parts`` for every model; the report (see the README for its fields).
+    ``checkpoint(report)`` is called after each part (e.g. to save what is done so far)."""
+
+    def done(part: str) -> None:
+        report["meta"]["parts_done"].append(part)
+        report["meta"]["elapsed_s"] = round(time.time() - t0, 1)
+        if checkpoint is not None:
+            checkpoint(report)
+
     t0 = time.time()
     names = list(cfg.models)
     scorers = {n: make_scorer(n, store) for n in names}  # fail before any work
@@ -118,20 +131,12 @@ def run_suite(
                             "kodak": sum(p.parent == data.KODAK for p in files),
                             "split": "imagenet-sample test split of split_sources(1000, seed 0, 0.8/0.1/0.1) + kodak24"},
             "torch_threads": torch.get_num_threads(),
+            "parts_done": [],
+            "finished": False,
         },
         "models": {n: {"kind": "hash" if n == PDQ else "lpips", "threshold": s.threshold} for n, s in scorers.items()},
     }  # fmt: skip
     models = report["models"]
-    if "2afc" in cfg.parts:
-        trip = data.objective_triplets(cfg.triplets, patch=cfg.patch)
-        report["meta"]["triplets"] = {
-            "n": len(trip),
-            "patch": cfg.patch,
-            "sources": int(trip.source.unique().numel()),
-        }
-        for n, s in scorers.items():
-            specs = [a for a in cfg.attacks if s.differentiable or a.method == "square"]
-            models[n]["2afc"] = evaluate_2afc(s, trip, specs, progress=progress)
     if "neardup" in cfg.parts or "attacks" in cfg.parts:
         orig, edited, edit_names = data.edited_pairs(files, cfg.edits, cfg.resolution)
     if "neardup" in cfg.parts:
@@ -146,18 +151,23 @@ def run_suite(
             pos = neardup.positive_distances(s, orig, edited)
             neg = neardup.negative_distances(s, views, groups)
             models[n]["neardup"] = neardup.detection_report(pos, edit_names, neg, s.threshold)
+        done("neardup")
     if "attacks" in cfg.parts:
         k = min(cfg.attack_pairs, len(orig))
         e = cfg.edits.index(data.MILD_EDIT)
         mild = edited[e :: len(cfg.edits)][:k]
         for n, s in scorers.items():
-            kw = dict(norm="linf", epsilon=cfg.attack_epsilon, steps=cfg.attack_steps,
-                      restarts=cfg.attack_restarts, queries=cfg.attack_queries, seed=cfg.seed, progress=progress)  # fmt: skip
-            models[n]["evasion"] = neardup.attack_pairs(s, orig[:k], mild, goal="evade", **kw)  # type: ignore[arg-type]
             other = torch.roll(orig[:k], 1, 0)
-            models[n]["impersonation"] = neardup.attack_pairs(
-                s, orig[:k], other, goal="impersonate", **kw
-            )  # type: ignore[arg-type]
+            for key, goal, cand in (
+                ("evasion", "evade", mild),
+                ("impersonation", "impersonate", other),
+            ):
+                models[n][key] = neardup.attack_pairs(
+                    s, orig[:k], cand, goal=goal, norm="linf", epsilon=cfg.attack_epsilon,
+                    steps=cfg.attack_steps, restarts=cfg.attack_restarts, queries=cfg.attack_queries,
+                    seed=cfg.seed, progress=progress,
+                )  # fmt: skip
+            done(f"attacks:{n}")
     if "agreement" in cfg.parts:
         x = data.load_images(files, cfg.resolution)
         y, _ = data.distortion_pairs(x, cfg.distortions_per_image, cfg.seed)
@@ -171,5 +181,18 @@ def run_suite(
         report["meta"]["agreement_pairs"] = len(y)
         for n in scorers:
             models[n]["agreement"] = agree[n]
+        done("agreement")
+    if "2afc" in cfg.parts:
+        trip = data.objective_triplets(cfg.triplets, patch=cfg.patch)
+        report["meta"]["triplets"] = {
+            "n": len(trip),
+            "patch": cfg.patch,
+            "sources": len(set(trip.source.tolist())),
+        }
+        for n, s in scorers.items():
+            specs = [a for a in cfg.attacks if s.differentiable or a.method == "square"]
+            models[n]["2afc"] = evaluate_2afc(s, trip, specs, progress=progress)
+            done(f"2afc:{n}")
+    report["meta"]["finished"] = True
     report["meta"]["elapsed_s"] = round(time.time() - t0, 1)
     return report
