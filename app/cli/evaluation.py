@@ -26,7 +26,7 @@ DEFAULT_MODELS = ["r-lpips-alex-linf-synth", BASELINE_MODEL, PDQ]
 
 
 def _attacks(args: argparse.Namespace) -> list[AttackSpec]:
-    specs = default_attacks(args.steps, args.restarts, args.queries)
+    specs = default_attacks(args.steps, args.restarts, args.queries, args.other_steps)
     if args.only_attack:
         specs = [s for s in specs if s.label().split(" on ")[0].endswith(tuple(args.only_attack))
                  or any(o in s.label() for o in args.only_attack)]  # fmt: skip
@@ -67,7 +67,15 @@ def cmd_card(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_table(args: argparse.Namespace, settings: Settings) -> int:
-    print(render.markdown(json.loads(Path(args.json).read_text())), end="")
+    reports = [json.loads(Path(p).read_text()) for p in args.json]
+    report = render.merge(reports)
+    table = render.markdown(report)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        out.with_suffix(".md").write_text(table)
+        render.plots(report, out.with_suffix(""))
+    print(table, end="")
     return 0
 
 
@@ -85,6 +93,9 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--steps", type=int, default=100, help="APGD iterations")
     g.add_argument(
         "--restarts", type=int, default=3, help="APGD restarts at L-inf 4/255 on the reference"
+    )
+    g.add_argument(
+        "--other-steps", type=int, help="APGD iterations of the other attacks (default --steps)"
     )
     g.add_argument("--queries", type=int, default=1000, help="Square query budget")
     g.add_argument(
@@ -115,6 +126,9 @@ def register(evaluate_sub: argparse._SubParsersAction) -> None:  # type: ignore[
         _common(p, f"docs/evaluation/{part}.json")
         chosen = {"apgd": "2afc", "evasion": "attacks"}.get(part, part)
         p.set_defaults(func=cmd_card, parts=[chosen])
-    p = evaluate_sub.add_parser("card-table", help="render a suite JSON as markdown tables")
-    p.add_argument("json")
+    p = evaluate_sub.add_parser(
+        "card-table", help="render suite JSON(s) as markdown; several are merged (later wins)"
+    )
+    p.add_argument("json", nargs="+")
+    p.add_argument("--out", help="also write the merged JSON, its .md and the plots here")
     p.set_defaults(func=cmd_table)

@@ -23,6 +23,21 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs of parts of the suite: models' sections merged (later wins),
+    each run's ``meta`` kept under ``meta["runs"]`` and the shared descriptions merged."""
+    if len(reports) == 1:
+        return reports[0]
+    out: dict[str, Any] = {"meta": {"runs": [r["meta"] for r in reports]}, "models": {}}
+    for r in reports:
+        for k in ("triplets", "negatives", "agreement_pairs", "eval_images"):
+            if k in r["meta"]:
+                out["meta"][k] = r["meta"][k]
+        for name, m in r["models"].items():
+            out["models"].setdefault(name, {}).update(m)
+    return out
+
+
 def attack_labels(report: dict[str, Any]) -> list[str]:
     seen: list[str] = []
     for m in report["models"].values():

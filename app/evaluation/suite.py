@@ -28,15 +28,19 @@ log = logging.getLogger(__name__)
 PARTS = ("2afc", "neardup", "attacks", "agreement")
 
 
-def default_attacks(steps: int = 100, restarts: int = 3, queries: int = 1000) -> list[AttackSpec]:
-    """The field's standard set: APGD on the reference at L∞ 4/255 (with ``restarts``), 8/255, L2 1.0
-    and 3.0; APGD on a candidate at L∞ 4/255; Square (black-box) at L∞ 4/255 on the reference."""
+def default_attacks(
+    steps: int = 100, restarts: int = 3, queries: int = 1000, other_steps: int | None = None
+) -> list[AttackSpec]:
+    """The field's standard set: APGD-``steps`` × ``restarts`` on the reference at L∞ 4/255; APGD with
+    ``other_steps`` (default ``steps``) × 1 at L∞ 8/255, L2 1.0 and 3.0 on the reference and at L∞ 4/255
+    on a candidate (the closer one, pushed away); Square (black-box) at L∞ 4/255 on the reference."""
+    k = steps if other_steps is None else other_steps
     return [
         AttackSpec("apgd", "linf", 4 / 255, "ref", steps, restarts),
-        AttackSpec("apgd", "linf", 4 / 255, "right", steps, 1),
-        AttackSpec("apgd", "linf", 8 / 255, "ref", steps, 1),
-        AttackSpec("apgd", "l2", 1.0, "ref", steps, 1),
-        AttackSpec("apgd", "l2", 3.0, "ref", steps, 1),
+        AttackSpec("apgd", "linf", 4 / 255, "right", k, 1),
+        AttackSpec("apgd", "linf", 8 / 255, "ref", k, 1),
+        AttackSpec("apgd", "l2", 1.0, "ref", k, 1),
+        AttackSpec("apgd", "l2", 3.0, "ref", k, 1),
         AttackSpec("square", "linf", 4 / 255, "ref", queries=queries),
     ]
 

@@ -132,8 +132,9 @@ def test_square_schedule_halves() -> None:
 
 
 def test_apgd_beats_pgd20_on_lpips_alex(store: ModelStore) -> None:
-    """Same images, same budget (20 gradient steps, L∞ 2/255 on the reference): APGD ends with lower
-    2AFC margins and flips at least as many judgments as PGD-20 (2.5·ε/20 steps, random start)."""
+    """Same images and radius (L∞ 4/255 on the reference): APGD-100 ends with clearly lower 2AFC margins
+    (measured 0.032 vs 0.045 here) and flips at least as many judgments as PGD-20 (2.5·ε/20 steps,
+    random start)."""
     data = objective_triplets(100, patch=64).subset(range(0, 100, 12))  # 9 triplets, 9 sources
     ref, p0, p1 = data.images()
     ref, right, wrong = roles(ref, p0, p1, data.h)
@@ -147,15 +148,15 @@ def test_apgd_beats_pgd20_on_lpips_alex(store: ModelStore) -> None:
         fa_i, fb_i = [t[idx] for t in fa], [t[idx] for t in fb]
         return scorer.distance(fx, fa_i) - scorer.distance(fx, fb_i)
 
-    eps = 2 / 255
+    eps = 4 / 255
     g = torch.Generator().manual_seed(0)
     x_pgd = pgd(lambda z: neg_margin(z, torch.arange(len(z))), ref, norm="linf", epsilon=eps,
                 steps=20, step_size=2.5 * eps / 20, generator=g)  # fmt: skip
     with torch.no_grad():
         m_pgd = -neg_margin(x_pgd, torch.arange(len(ref)))
-    res = apgd(neg_margin, ref, norm="linf", epsilon=eps, steps=19, restarts=1,
+    res = apgd(neg_margin, ref, norm="linf", epsilon=eps, steps=100, restarts=1,
                generator=torch.Generator().manual_seed(0))  # fmt: skip
     m_apgd = -res.loss
-    assert float(m_apgd.mean()) < float(m_pgd.mean()), (m_apgd, m_pgd)
+    assert float(m_apgd.mean()) < 0.9 * float(m_pgd.mean()), (m_apgd, m_pgd)
     assert int((m_apgd < 0).sum()) >= int((m_pgd < 0).sum())
     assert bool((linf_norms(res.x_adv - ref) <= eps + TOL).all())
