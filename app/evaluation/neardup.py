@@ -27,7 +27,7 @@ FMR_TARGET = 1e-5
 def negative_distances(scorer: Scorer, x: Tensor, groups: Tensor | None = None) -> Tensor:
     """Distances of every unordered pair of rows of ``x`` ``[M, 3, H, W]`` (``[M(M−1)/2]``, float64);
     with ``groups`` ``[M]`` only pairs from different groups (e.g. crops of different sources)."""
-    d = pairwise(scorer, encode(scorer, x))
+    d = pairwise(scorer, encode(scorer, x, desc=f"{scorer.name} unrelated images"))
     i, j = torch.triu_indices(len(x), len(x), offset=1)
     keep = torch.ones(len(i), dtype=torch.bool) if groups is None else groups[i] != groups[j]
     return d[i[keep], j[keep]]
@@ -97,7 +97,7 @@ def positive_distances(scorer: Scorer, orig: Tensor, edited: Tensor) -> Tensor:
     """``d(orig[i // E], edited[i])`` for the ``E`` edits of every original (``[M·E]``)."""
     per = len(edited) // len(orig)
     fo = encode(scorer, orig)
-    fe = encode(scorer, edited)
+    fe = encode(scorer, edited, desc=f"{scorer.name} edited copies")
     idx = torch.arange(len(edited)) // per
     with torch.no_grad():
         return scorer.distance(select(fo, idx), fe).double()

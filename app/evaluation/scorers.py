@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from app.imaging import to_signed
 from app.metric.lpips import LPIPS, distance_from_features
@@ -99,10 +100,11 @@ class PDQScorer:
         return None
 
 
-def encode(scorer: Scorer, x: Tensor, batch: int = 32) -> list[Tensor]:
-    """Features of ``x`` in batches, without autograd, on ``x``'s device."""
+def encode(scorer: Scorer, x: Tensor, batch: int = 32, desc: str | None = None) -> list[Tensor]:
+    """Features of ``x`` in batches, without autograd, on ``x``'s device (a progress bar with ``desc``)."""
+    starts = tqdm(range(0, len(x), batch), desc=desc, disable=desc is None, leave=False)
     with torch.no_grad():
-        return concat([scorer.features(x[i : i + batch]) for i in range(0, len(x), batch)])
+        return concat([scorer.features(x[i : i + batch]) for i in starts])
 
 
 def lpips_pairwise(scorer: LPIPSScorer, f: Sequence[Tensor], block: int = 64) -> Tensor:

@@ -19,6 +19,15 @@ from app.metric.store import ModelStore
 from app.training.datasets import source_files, split_sources
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread: small tensors on a busy shared CPU run several times faster so."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_evaluation_images_were_never_used_in_training() -> None:
     evald = data.eval_files()
     trained = set(data.training_files())
