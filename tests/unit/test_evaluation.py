@@ -114,3 +114,25 @@ def test_card_cli_writes_json_and_markdown(
     capsys.readouterr()
     assert main(["evaluate", "card-table", str(out)]) == 0
     assert "False matches" in capsys.readouterr().out
+
+
+def test_attack_parts_of_the_card_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The 2AFC and evasion parts end to end at toy sizes: every attack reported, PDQ only black-box."""
+    out = tmp_path / "attacks.json"
+    code = main(["evaluate", "card", "--models", "lpips-alex", "pdq", "--parts", "2afc", "attacks",
+                 "--triplets", "4", "--steps", "3", "--restarts", "2", "--other-steps", "2",
+                 "--queries", "4", "--images", "2", "--resolution", "64", "--edits", "jpeg-q75",
+                 "--attack-pairs", "2", "--attack-steps", "2", "--attack-queries", "3",
+                 "--no-plots", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    models = json.loads(out.read_text())["models"]
+    lp, pdq = models["lpips-alex"], models["pdq"]
+    assert len(lp["2afc"]["attacks"]) == 6 and lp["2afc"]["n"] == 4
+    assert [a["method"] for a in pdq["2afc"]["attacks"]] == ["square"]
+    for a in lp["2afc"]["attacks"]:
+        assert a["accuracy"] <= lp["2afc"]["clean"]
+        limit = a["epsilon"] if a["norm"] == "linf" else 1e9
+        assert a["max_linf"] <= limit + 1e-6
+    assert lp["evasion"]["method"] == "apgd" and pdq["evasion"]["method"] == "square"
+    assert lp["impersonation"]["pairs"] == 2
