@@ -25,7 +25,29 @@ from app.metric.store import BASELINE_MODEL
 DEFAULT_MODELS = ["r-lpips-alex-linf-synth", BASELINE_MODEL, PDQ]
 
 
+def attack_arg(value: str) -> AttackSpec:
+    """``METHOD,NORM,EPS,TARGET[,STEPS_OR_QUERIES[,RESTARTS]]``, e.g. ``apgd,linf,8/255,right,100,3``."""
+    parts = value.split(",")
+    try:
+        method, norm, eps, target = parts[:4]
+        n = int(parts[4]) if len(parts) > 4 else (100 if method == "apgd" else 1000)
+        restarts = int(parts[5]) if len(parts) > 5 else 1
+        if method not in ("apgd", "square") or norm not in ("linf", "l2"):
+            raise ValueError(value)
+        if target not in ("ref", "right", "wrong"):
+            raise ValueError(value)
+        kw = {"steps": n} if method == "apgd" else {"queries": n}
+        return AttackSpec(method, norm, fraction(eps), target, restarts=restarts, **kw)  # type: ignore[arg-type]
+    except (ValueError, IndexError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD,NORM,EPS,TARGET[,STEPS_OR_QUERIES[,RESTARTS]], got {value!r}"
+        ) from None
+
+
 def _attacks(args: argparse.Namespace) -> list[AttackSpec]:
+    if args.attack:
+        return [AttackSpec(s.method, s.norm, s.epsilon, s.target, s.steps, s.restarts, s.queries,
+                           args.seed) for s in args.attack]  # fmt: skip
     specs = default_attacks(args.steps, args.restarts, args.queries, args.other_steps)
     if args.only_attack:
         specs = [s for s in specs if s.label().split(" on ")[0].endswith(tuple(args.only_attack))

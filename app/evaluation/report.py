@@ -34,7 +34,13 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
             if k in r["meta"]:
                 out["meta"][k] = r["meta"][k]
         for name, m in r["models"].items():
-            out["models"].setdefault(name, {}).update(m)
+            have = out["models"].setdefault(name, {})
+            old = have.get("2afc")
+            have.update(m)
+            if old is not None and "2afc" in m:  # keep every attack; a repeated label: later wins
+                new = {a["label"]: a for a in m["2afc"]["attacks"]}
+                kept = [a for a in old["attacks"] if a["label"] not in new]
+                have["2afc"] = {**old, "attacks": kept + m["2afc"]["attacks"]}
     return out
 
 

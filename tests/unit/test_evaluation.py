@@ -136,3 +136,24 @@ def test_attack_parts_of_the_card_cli(tmp_path: Path, capsys: pytest.CaptureFixt
         assert a["max_linf"] <= limit + 1e-6
     assert lp["evasion"]["method"] == "apgd" and pdq["evasion"]["method"] == "square"
     assert lp["impersonation"]["pairs"] == 2
+
+
+def test_attack_option_and_merge() -> None:
+    import argparse
+
+    from app.cli.evaluation import attack_arg
+    from app.evaluation.report import merge
+
+    spec = attack_arg("apgd,linf,8/255,right,100,3")
+    assert (spec.method, spec.target, spec.steps, spec.restarts) == ("apgd", "right", 100, 3)
+    assert spec.epsilon == pytest.approx(8 / 255)
+    assert attack_arg("square,l2,3,ref").queries == 1000
+    for bad in ("apgd,linf", "pgd,linf,4/255,ref", "apgd,linf,4/255,p0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            attack_arg(bad)
+    a = {"label": "A", "accuracy": 0.5}
+    b = {"label": "B", "accuracy": 0.7}
+    r1 = {"meta": {}, "models": {"m": {"2afc": {"clean": 1.0, "attacks": [a]}, "x": 1}}}
+    r2 = {"meta": {}, "models": {"m": {"2afc": {"clean": 1.0, "attacks": [b]}}}}
+    m = merge([r1, r2])["models"]["m"]
+    assert [x["label"] for x in m["2afc"]["attacks"]] == ["A", "B"] and m["x"] == 1
