@@ -120,6 +120,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
         "--other-steps", type=int, help="APGD iterations of the other attacks (default --steps)"
     )
     g.add_argument("--queries", type=int, default=1000, help="Square query budget")
+    g.add_argument("--attack", type=attack_arg, action="append",
+                   help="replace the default set: METHOD,NORM,EPS,TARGET[,STEPS_OR_QUERIES[,RESTARTS]]")  # fmt: skip
     g.add_argument(
         "--only-attack", nargs="*", help="keep attacks whose label contains any of these"
     )

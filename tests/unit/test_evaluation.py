@@ -148,6 +148,10 @@ def test_attack_option_and_merge() -> None:
     assert (spec.method, spec.target, spec.steps, spec.restarts) == ("apgd", "right", 100, 3)
     assert spec.epsilon == pytest.approx(8 / 255)
     assert attack_arg("square,l2,3,ref").queries == 1000
+    from app.cli.main import build_parser
+
+    args = build_parser().parse_args(["evaluate", "apgd", "--attack", "apgd,linf,8/255,right"])
+    assert [a.target for a in args.attack] == ["right"] and args.parts == ["2afc"]
     for bad in ("apgd,linf", "pgd,linf,4/255,ref", "apgd,linf,4/255,p0"):
         with pytest.raises(argparse.ArgumentTypeError):
             attack_arg(bad)
