@@ -11,7 +11,8 @@ The algorithm (their Alg. 1, as in the reference ``autoattack`` code): step size
 checkpoints after ``0.22·n``, then shrinking by ``0.03·n`` down to ``0.06·n`` iterations; at a checkpoint
 a sample's step is halved and it restarts from its best point when fewer than ``ρ = 0.75`` of the steps
 since the last checkpoint increased its loss, or when its step was not halved at the last checkpoint and
-its best loss has not improved since. The best iterate (highest loss) per sample is returned.
+its best loss has not improved since (there the momentum term restarts at zero, where the reference code
+keeps the pre-checkpoint iterate). The best iterate (highest loss) per sample is returned.
 
 Restarts draw a fresh random start inside the ball; with ``success_above`` set, samples whose best loss
 already exceeds it are not attacked again (the attack has succeeded on them).

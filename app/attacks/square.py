@@ -11,7 +11,8 @@ only *evaluated*, never differentiated, so it may be a hash or any black box) ov
   L∞: the window is set to ``±ε`` per channel; L2: the paper's update — a pseudo-Gaussian bump of random
   sign per channel is added to the window's normalised old perturbation, the mass of a second window is
   moved into it, and the total is rescaled to norm ε.
-- A proposal is kept when its loss is at least the current one. One loss evaluation (query) per sample
+- A proposal is kept when its loss is at least the current one (unlike the reference code, an L∞ proposal
+  equal to the current window is not redrawn: it costs a query and changes nothing). One loss evaluation (query) per sample
   for the start and per iteration; samples whose loss exceeds ``success_above`` stop early.
 """
 
