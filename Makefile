@@ -14,7 +14,7 @@ PORT ?= 8000
 .venv/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,eval]'
 	$(PY) -m pip install -q -e clients/python
 	touch $@
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from app.cli import evaluation
 from app.cli.args import add_attack_args, add_device_arg, fraction, resolution_arg
 from app.cli.train import add_data_args, load_data, synth_config
 from app.config import Settings, comma_list, pick_device
@@ -167,3 +168,4 @@ def register(evaluate_sub: argparse._SubParsersAction) -> None:  # type: ignore[
     _register_imagenet_attack(evaluate_sub)
     _register_thresholds(evaluate_sub)
     _register_2afc(evaluate_sub)
+    evaluation.register(evaluate_sub)
