@@ -28,7 +28,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     RLPIPS_MODEL_STORE=/srv/rlpips/model_store \
-    RLPIPS_CACHE_DIR=/var/lib/rlpips/files
+    RLPIPS_CACHE_DIR=/var/lib/rlpips/files \
+    RLPIPS_DATA_DIR=/var/lib/rlpips/data
 
 RUN python -m venv /opt/venv \
     && groupadd --system --gid 10001 rlpips \

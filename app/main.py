@@ -66,14 +66,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await runtime.start()
         s = app.state.settings
-        storage = await asyncio.to_thread(
-            open_storage, s.bank_engine, s.data_dir, s.bank_milvus_uri
-        )
-        app.state.banks = BankService(runtime, storage, s.bank_grid)
-        follower = asyncio.create_task(app.state.banks.follow(s.bank_refresh_s))
-        for name in storage.names():
-            info = storage.info(name)
-            app.state.telemetry.bank_size(name, info.items if info else None)
+        try:
+            storage = await asyncio.to_thread(
+                open_storage, s.bank_engine, s.data_dir, s.bank_milvus_uri
+            )
+        except Exception:  # the metric still serves; /banks answers 503 not_ready
+            log.exception("cannot open the bank storage (%s in %s)", s.bank_engine, s.data_dir)
+        else:
+            app.state.banks = BankService(runtime, storage, s.bank_grid)
+            follower = asyncio.create_task(app.state.banks.follow(s.bank_refresh_s))
+            for name in storage.names():
+                info = storage.info(name)
+                app.state.telemetry.bank_size(name, info.items if info else None)
         log.info("ready: serving %s (default %s)", ", ".join(runtime.models), runtime.default_model)
         yield
     finally:

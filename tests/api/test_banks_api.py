@@ -237,3 +237,18 @@ async def test_bank_endpoints_need_an_api_key_when_keys_are_set(
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", path
         r = await client.put("/banks/k", headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 201
+
+
+async def test_an_unusable_data_dir_leaves_distance_serving(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """A data directory that cannot be created (a file is in the way): /distance still works, the bank
+    endpoints answer 503 not_ready."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    async with serve(tiny_settings(tiny_store, data_dir=blocker / "data")) as (client, _):
+        img = b64(jpegs(1)[0])
+        r = await client.post("/distance", json={"reference": img, "candidates": [img]})
+        assert r.status_code == 200
+        r = await client.put("/banks/k")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
