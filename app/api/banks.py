@@ -90,7 +90,7 @@ def _json(raw: bytes) -> object:
 @router.put(
     "/banks/{bank}",
     response_model=BankResponse,
-    responses=BANK_ERRORS,
+    responses={201: {"model": BankResponse, "description": "created"}, **BANK_ERRORS},
     summary="Create a known-items bank (201), or confirm one with the same settings (200)",
 )
 async def create_bank(

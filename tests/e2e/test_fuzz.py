@@ -66,8 +66,10 @@ def register_image_formats() -> None:
 def live_schema(
     weights_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OpenApiSchema]:
-    log = tmp_path_factory.mktemp("fuzz") / "server.log"
+    tmp = tmp_path_factory.mktemp("fuzz")
+    log = tmp / "server.log"
     env = {
+        "RLPIPS_DATA_DIR": str(tmp / "data"),
         "RLPIPS_RESOLUTION": "32",
         "RLPIPS_MODELS": "lpips-alex",
         "RLPIPS_MAX_WAIT_MS": "1",
@@ -133,6 +135,12 @@ OPERATIONS = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("PUT", "/banks/{bank}"),
+    ("GET", "/banks/{bank}"),
+    ("DELETE", "/banks/{bank}"),
+    ("POST", "/banks/{bank}/items"),
+    ("DELETE", "/banks/{bank}/items/{item}"),
+    ("POST", "/banks/{bank}/search"),
 ]
 #: What every answer is held to when image fields carry arbitrary bytes.
 DOCUMENTED = [
