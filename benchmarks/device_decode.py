@@ -37,7 +37,7 @@ def measure(device: str, size: int, images: int, shared: Path | None = None) -> 
 
     root = shared or SHARED
     files = sorted((root / "images" / "imagenet-sample").glob("*.JPEG"))[: images - images % 2]
-    datas = [f.read_bytes() for f in files if accepts(f.read_bytes())]
+    datas = [d for d in (f.read_bytes() for f in files) if accepts(d)]
     datas = datas[: len(datas) - len(datas) % 2]
     dev = torch.device(device)
     t0 = time.perf_counter()

@@ -14,7 +14,6 @@ bit-identical here (same seeded generator per ``(seed, source, patch)``).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from app.imaging import decode, resize, to_tensor, to_unit
 from app.training import distortions
+from app.training.calibration import jpeg_edit
 from app.training.datasets import SynthConfig, TripletSet, generate, source_files, split_sources
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "images"
@@ -68,15 +68,6 @@ def objective_triplets(n: int, images: Path = IMAGENET, patch: int = 64) -> Trip
 
 
 # -- benign edits (PIL, on the decoded original; the result is then resized like any upload) ----
-
-
-def _jpeg(quality: int) -> Edit:
-    def edit(img: Image.Image) -> Image.Image:
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-    return edit
 
 
 def _rescale(factor: float) -> Edit:
@@ -141,8 +132,8 @@ def _overlay(img: Image.Image) -> Image.Image:
 
 
 EDITS: dict[str, Edit] = {
-    "jpeg-q75": _jpeg(75),
-    "jpeg-q30": _jpeg(30),
+    "jpeg-q75": jpeg_edit(75),
+    "jpeg-q30": jpeg_edit(30),
     "rescale-0.5": _rescale(0.5),
     "blur-r1": lambda im: im.filter(ImageFilter.GaussianBlur(1.0)),
     "brightness+15pct": lambda im: ImageEnhance.Brightness(im).enhance(1.15),

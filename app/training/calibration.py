@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 Edit = Callable[[Image.Image], Image.Image]
 
 
-def _jpeg(quality: int) -> Edit:
+def jpeg_edit(quality: int) -> Edit:
+    """Re-encode as JPEG at ``quality`` (a benign edit; also used by app.evaluation)."""
+
     def edit(img: Image.Image) -> Image.Image:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=quality)
@@ -55,8 +57,8 @@ def _crop(fraction: float) -> Edit:
 
 
 BENIGN_EDITS: dict[str, Edit] = {
-    "jpeg-q75": _jpeg(75),
-    "jpeg-q40": _jpeg(40),
+    "jpeg-q75": jpeg_edit(75),
+    "jpeg-q40": jpeg_edit(40),
     "rescale-0.5": _rescale(0.5),
     "crop-4pct": _crop(0.04),
     "brightness+10pct": lambda im: ImageEnhance.Brightness(im).enhance(1.1),
