@@ -12,8 +12,13 @@ reports the median wall time of one batch (``*_batch_ms``); at ``--batch 1`` the
 single-pair inference time (``batch_ms``) that issue 7's concurrency-1 latency target is compared with.
 Several batch sizes (``--batch 32,1``) run in one process, one JSON line each.
 
+``--independent N`` measures instead the machine's best raw figure (issue 15): N processes at once, each
+the plain model with one intra-op thread, channels-last, on its own pairs, measured over the same
+window; ``pairs_per_s`` is their sum.
+
     python -m benchmarks.raw --resolution 256 --batch 32 --duration 30
     python -m benchmarks.raw --resolution 64 --batch 32,1 --duration 10
+    python -m benchmarks.raw --resolution 256 --batch 16 --duration 20 --independent 2
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -118,13 +125,57 @@ def raw_throughput(
     return out
 
 
+def independent(resolution: int, batch: int, duration_s: float, processes: int) -> dict[str, float]:
+    """``processes`` single-threaded plain-model processes measured over one common window (each
+    warms up, then waits for the same start time); their pairs/s summed."""
+    start = time.time() + 20.0  # loading takes a few seconds per process on a busy machine
+    cmd = [sys.executable, "-m", "benchmarks.raw", "--resolution", str(resolution),
+           "--batch", str(batch), "--duration", str(duration_s), "--start-at", str(start)]  # fmt: skip
+    procs = [
+        subprocess.Popen([*cmd, "--offset", str(k)], stdout=subprocess.PIPE, text=True)
+        for k in range(processes)
+    ]
+    rates = [json.loads(p.communicate()[0].splitlines()[-1])["pairs_per_s"] for p in procs]
+    return {"pairs_per_s": sum(rates), "processes": processes, "per_process": rates}
+
+
+def _one_process(resolution: int, batch: int, duration_s: float, start: float, k: int) -> float:
+    """One process of :func:`independent`: plain model, 1 thread, channels-last, distinct pairs."""
+    torch.set_num_threads(1)
+    files = sorted(IMAGENET.glob("*.JPEG"))[4 * batch * k : 4 * batch * (k + 1)]
+    x = torch.stack([load_tensor(f.read_bytes(), resolution) for f in files])
+    x = x.contiguous(memory_format=torch.channels_last)
+    metric = Settings().store().load("lpips-alex").to(memory_format=torch.channels_last)
+    pairs = [(x[i : i + batch], x[i + batch : i + 2 * batch]) for i in (0, 2 * batch)]
+    n, k_iter = 0, iter(range(1 << 62))
+    with torch.inference_mode():
+        while time.time() < start:
+            metric(*pairs[0])
+        while time.time() < start + duration_s:
+            metric(*pairs[next(k_iter) % 2])
+            n += batch
+        return n / (time.time() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", default="32", help="batch size(s), comma-separated")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds per variant")
     p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--independent", type=int, default=0, help="N single-thread processes at once")
+    p.add_argument("--start-at", type=float, help=argparse.SUPPRESS)  # one --independent process
+    p.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    batch = int(args.batch.split(",")[0])
+    if args.start_at is not None:
+        rate = _one_process(args.resolution, batch, args.duration, args.start_at, args.offset)
+        print(json.dumps({"pairs_per_s": rate}), flush=True)
+        return
+    if args.independent:
+        rates = independent(args.resolution, batch, args.duration, args.independent)
+        print(json.dumps(rates | {"batch": batch, "resolution": args.resolution}), flush=True)
+        return
     for batch in (int(b) for b in args.batch.split(",") if b):
         rates = raw_throughput(args.resolution, batch, args.duration, args.warmup)
         print(json.dumps(rates | {"batch": batch, "resolution": args.resolution}), flush=True)

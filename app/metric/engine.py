@@ -5,7 +5,7 @@ R-LPIPS variants) shares one module and one forward pass per image. A batch of :
 (one reference, N candidates each) is computed with one trunk pass per *distinct* image per trunk (a
 reference shared by N candidates runs once; references in the LRU cache do not run at all), then every
 requested model's heads. Everything runs on the caller's thread — the device worker's — under a local
-``torch.inference_mode()``.
+``torch.inference_mode()``, except with CPU streams (below), where whole queries run on the stream threads.
 
 Precision: the trunk may run under ``torch.autocast`` (float16 / bfloat16); the channel normalisation and
 the heads always run in float32, outside autocast. Only distance work uses autocast: :meth:`Engine.metric`
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,8 @@ class EngineObserver(Protocol):
 class FeatureCache:
     """LRU of normalised reference features keyed by (content hash, trunk file, resolution).
 
-    Bounded by ``max_entries`` and ``max_bytes``. Only used from the device thread (not locked).
+    Bounded by ``max_entries`` and ``max_bytes``. Used from the device thread and the CPU stream threads
+    (locked).
     """
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
@@ -56,26 +58,29 @@ class FeatureCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._data: OrderedDict[CacheKey, Features] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._data)
 
     def get(self, key: CacheKey) -> Features | None:
-        feats = self._data.get(key)
-        if feats is not None:
-            self._data.move_to_end(key)
-        return feats
+        with self._lock:
+            feats = self._data.get(key)
+            if feats is not None:
+                self._data.move_to_end(key)
+            return feats
 
     def put(self, key: CacheKey, feats: Features) -> None:
         """Store ``feats`` (each ``[1, C_l, H_l, W_l]``, owning its memory); evicts the oldest."""
         size = sum(f.numel() * f.element_size() for f in feats)
-        if key in self._data or self.max_entries == 0 or size > self.max_bytes:
-            return
-        self._data[key] = feats
-        self.bytes += size
-        while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
-            _, old = self._data.popitem(last=False)
-            self.bytes -= sum(f.numel() * f.element_size() for f in old)
+        with self._lock:
+            if key in self._data or self.max_entries == 0 or size > self.max_bytes:
+                return
+            self._data[key] = feats
+            self.bytes += size
+            while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
+                _, old = self._data.popitem(last=False)
+                self.bytes -= sum(f.numel() * f.element_size() for f in old)
 
 
 class Engine:
@@ -87,9 +92,12 @@ class Engine:
     at 256² and ×1.06 at 64² in batches of 32, ×1.87 at 64² one pair at a time; attack steps, which
     share the trunk, ×0.95 at 256²).
 
-    ``streams`` > 1 (CPU): each trunk pass is split into that many chunks run concurrently from a small
-    thread pool (inter-op parallelism; use with 1 intra-op thread). On a few shared cores this keeps
-    every core busy without the barrier stalls of multi-threaded kernels.
+    ``streams`` > 1 (CPU): a small thread pool runs that many computations at once (inter-op
+    parallelism; use with 1 intra-op thread). A batch with at least one reference per stream is dealt out
+    in whole queries — queries sharing a reference together — so each stream runs its trunk pass, heads
+    and distances alone, with no barrier between them (docs/BENCHMARKS.md, "CPU targets"); otherwise the
+    batch's images are split into chunks, one per stream. On a
+    few shared cores this keeps every core busy without the barrier stalls of multi-threaded kernels.
     """
 
     def __init__(
@@ -185,13 +193,30 @@ class Engine:
         for q in queries:
             if q.model not in self.heads:
                 raise KeyError(f"model {q.model!r} is not loaded")
+        parts = deal(queries, self.streams) if self._pool is not None else []
+        if len(parts) < self.streams:  # too few to deal out: split the images instead
+            return self._compute_part(queries, use_cache, split=True)
+        assert self._pool is not None
+        futures = [
+            self._pool.submit(self._compute_part, [queries[i] for i in part], use_cache, False)
+            for part in parts
+        ]
+        out: list[Answer | None] = [None] * len(queries)
+        for part, future in zip(parts, futures, strict=True):
+            for i, answer in zip(part, future.result(), strict=True):
+                out[i] = answer
+        return [a for a in out if a is not None]
+
+    def _compute_part(self, queries: Sequence[Query], use_cache: bool, split: bool) -> list[Answer]:
+        """:meth:`_compute` of ``queries`` on this thread; ``split``: a trunk pass may use the streams."""
         by_trunk: dict[str, list[int]] = defaultdict(list)
         for i, q in enumerate(queries):
             by_trunk[self.trunk_of[q.model]].append(i)
         groups: list[tuple[list[int], DistanceResult]] = []
         with torch.inference_mode():
             for trunk_id, idx in by_trunk.items():
-                table, rows = self._feature_table(trunk_id, [queries[i] for i in idx], use_cache)
+                group_queries = [queries[i] for i in idx]
+                table, rows = self._feature_table(trunk_id, group_queries, use_cache, split)
                 by_model: dict[str, list[int]] = defaultdict(list)
                 for i in idx:
                     by_model[queries[i].model].append(i)
@@ -201,7 +226,7 @@ class Engine:
         return _answers(queries, groups)
 
     def _feature_table(
-        self, trunk_id: str, queries: list[Query], use_cache: bool
+        self, trunk_id: str, queries: list[Query], use_cache: bool, split: bool
     ) -> tuple[Features, dict[str, int]]:
         """Features of every distinct image of ``queries`` stacked as rows, and each key's row."""
         todo: dict[str, Tensor] = {}
@@ -222,7 +247,7 @@ class Engine:
                 if c.key not in todo and c.key not in cached:
                     todo[c.key] = c.tensor
         keys = list(todo) + list(cached)
-        computed = self._features(trunk_id, list(todo.values())) if todo else None
+        computed = self._features(trunk_id, list(todo.values()), split) if todo else None
         table: Features = []
         for layer in range(len(self.trunks[trunk_id].spec.taps)):
             parts = [] if computed is None else [computed[layer]]
@@ -238,11 +263,12 @@ class Engine:
                     refs.discard(q.reference.key)
         return table, rows
 
-    def _features(self, trunk_id: str, images: list[Tensor]) -> Features:
-        """Normalised float32 features of ``images`` (each ``[3, H, W]`` in ``[-1, 1]``)."""
+    def _features(self, trunk_id: str, images: list[Tensor], split: bool = True) -> Features:
+        """Normalised float32 features of ``images`` (each ``[3, H, W]`` in ``[-1, 1]``); ``split``:
+        in chunks over the CPU streams."""
         x = self._to_device(images)
         trunk, dtype = self.trunks[trunk_id], self.precision
-        if self._pool is None or x.shape[0] < 2:
+        if self._pool is None or not split or x.shape[0] < 2:
             return _forward(trunk, x, dtype)
         chunks = x.tensor_split(min(self.streams, x.shape[0]))
         parts = list(self._pool.map(lambda c: _forward(trunk, c, dtype), chunks))
@@ -295,6 +321,23 @@ class Engine:
 
     def _cache_key(self, image: Image, trunk_id: str) -> CacheKey:
         return (image.key, trunk_id, (int(image.tensor.shape[-2]), int(image.tensor.shape[-1])))
+
+
+def deal(queries: Sequence[Query], streams: int) -> list[list[int]]:
+    """Indices of ``queries`` dealt into at most ``streams`` parts of about equal work (images to run),
+    keeping queries that share a reference in one part (its trunk pass then runs once); each part in
+    query order. Longest-first onto the lightest part."""
+    by_ref: dict[str, list[int]] = defaultdict(list)
+    for i, q in enumerate(queries):
+        by_ref[q.reference.key].append(i)
+    buckets = sorted(by_ref.values(), key=lambda idx: -sum(queries[i].pairs for i in idx))
+    parts: list[list[int]] = [[] for _ in range(min(streams, len(buckets)))]
+    load = [0] * len(parts)
+    for idx in buckets:
+        k = load.index(min(load))
+        parts[k] += idx
+        load[k] += 1 + sum(queries[i].pairs for i in idx)
+    return [sorted(p) for p in parts if p]
 
 
 def _forward(trunk: Trunk, x: Tensor, dtype: torch.dtype) -> Features:

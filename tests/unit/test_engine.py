@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.imaging import load_tensor
-from app.metric.engine import Engine, FeatureCache
+from app.metric.engine import Engine, FeatureCache, deal
 from app.metric.queries import Image, Query, content_key
 from app.metric.store import ModelStore
 
@@ -215,6 +215,57 @@ def test_channels_last_layout_gives_the_same_answers(
     assert engine.channels_last and layouts == [True, True, False, False]
     conv = engine.trunks["alexnet-imagenet"].features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for g, w in zip(got, want, strict=True):
+        assert g.distances == pytest.approx(w.distances, abs=1e-5)
+        torch.testing.assert_close(torch.tensor(g.per_layer), torch.tensor(w.per_layer))
+    assert got[1].spatial is not None and want[1].spatial is not None
+    torch.testing.assert_close(torch.stack(got[1].spatial), torch.stack(want[1].spatial))
+
+
+def test_deal_balances_work_and_keeps_shared_references_together(images: list[Image]) -> None:
+    a, b, c, d, e, f = images
+    queries = [
+        Query("lpips-alex", a, (b,)),
+        Query("lpips-alex", c, (d, e, f)),
+        Query("lpips-squeeze", a, (c,)),
+        Query("lpips-alex", e, (a,)),
+        Query("lpips-alex", f, (b,)),
+    ]
+    # by reference, most pairs first, onto the lighter part (1 + pairs images each):
+    # c (4 images) -> part 0; a (2 queries, 3 images) -> part 1; e (2) -> part 1; f (2) -> part 0
+    assert deal(queries, 2) == [[1, 4], [0, 2, 3]]
+    assert deal(queries, 9) == [[1], [0, 2], [3], [4]]  # never more parts than references
+    assert deal(queries[:1], 4) == [[0]]
+
+
+def test_dealt_batches_give_the_unstreamed_answers(
+    store: ModelStore, engine: Engine, images: list[Image]
+) -> None:
+    streamed = Engine(store, MODELS, torch.device("cpu"), RES, streams=2)
+    streamed.load()
+    a, b, c, d, e, f = images
+    queries = [
+        Query("lpips-alex", a, (b, c)),
+        Query("lpips-squeeze", a, (d,), spatial=True),
+        Query("lpips-alex", e, (f, a)),
+        Query("lpips-squeeze", c, (e,)),
+    ]
+    calls: list[tuple[str, int]] = []
+    hooks = [
+        t.register_forward_hook(
+            lambda _m, args, _o: calls.append((threading.current_thread().name, args[0].shape[0]))
+        )
+        for t in streamed.trunks.values()
+    ]
+    try:
+        got = streamed.compute(queries, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    want = engine.compute(queries, use_cache=False)
+    assert {name for name, _ in calls} == {"rlpips-stream_0", "rlpips-stream_1"}
+    # parts [q0, q1] and [q2, q3]: alex a,b,c and squeeze a,d; alex e,f,a and squeeze c,e
+    assert sorted(n for _, n in calls) == [2, 2, 3, 3]
     for g, w in zip(got, want, strict=True):
         assert g.distances == pytest.approx(w.distances, abs=1e-5)
         torch.testing.assert_close(torch.tensor(g.per_layer), torch.tensor(w.per_layer))
