@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         False,
         description="opt-in: decode JPEGs at a reduced DCT scale (faster; moves distances up to 0.027)",
     )
+    decode_device: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="opt-in: 'device' decodes /distance's JPEGs on the model's device in one batched "
+        "call per micro-batch (nvJPEG on CUDA) instead of Pillow on the CPU; moves LPIPS-alex "
+        "distances by up to 2e-3 (docs/BENCHMARKS.md)",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
     precision: Precision = Field(
         "auto",

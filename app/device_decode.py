@@ -1,5 +1,7 @@
 """Batched JPEG decoding and resizing on a torch device: nvJPEG (through torchvision) on CUDA, libjpeg-turbo
-on the CPU. The GPU decode path of issue 15, measured but not yet used by the service.
+on the CPU. The GPU decode path of issue 15, opt-in (``RLPIPS_DECODE_DEVICE=device``): /distance then
+keeps accepted JPEGs undecoded (:attr:`Image.jpeg`) and :func:`decode_pending` decodes a whole
+micro-batch's in one call on the device thread.
 
 For the JPEGs it accepts (:func:`accepts`) it mirrors :func:`app.imaging.load_tensor`: the integer box
 reduction first (:data:`app.imaging.REDUCING_GAP`), then an antialiased bicubic resize (the same kernel
@@ -16,7 +18,8 @@ device's preinstalled torchvision is what the GPU check can use, so this stays o
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,8 @@ from PIL import Image as PILImage
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from app.imaging import REDUCING_GAP, jpeg_layout
+from app.imaging import REDUCING_GAP, ImageError, jpeg_layout
+from app.metric.queries import Image, Query
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -61,3 +65,53 @@ def _resize(image: Tensor, size: int) -> Tensor:
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return x[0].clamp(0, 255).round()
+
+
+def decode_pending(
+    queries: Sequence[Query], size: int, device: torch.device, fallback: Callable[[bytes], Tensor]
+) -> tuple[list[Query], dict[int, ImageError]]:
+    """``queries`` with every pending image (``jpeg`` set) decoded on ``device`` — one batched call
+    for all of them, each distinct image once — and the errors of the queries that cannot run.
+
+    If the batched call fails, each image is decoded alone; one the device decoder refuses goes through
+    ``fallback`` (the Pillow path: bytes → ``[3, size, size]`` in ``[-1, 1]``), and a query with an image
+    that neither can decode is left out, its :class:`ImageError` naming the input, keyed by its index.
+    """
+    pending = {im.key: im for q in queries for im in (q.reference, *q.candidates) if im.jpeg}
+    if not pending:
+        return list(queries), {}
+    done, refused = _decode_all(list(pending.values()), size, device, fallback)
+    out: list[Query] = []
+    errors: dict[int, ImageError] = {}
+    for i, q in enumerate(queries):
+        images = [q.reference, *q.candidates]
+        failed = [refused[im.key] for im in images if im.key in refused]
+        if failed:
+            errors[i] = failed[0]
+            continue
+        ready = [replace(im, tensor=done[im.key], jpeg=None) if im.jpeg else im for im in images]
+        out.append(replace(q, reference=ready[0], candidates=tuple(ready[1:])))
+    return out, errors
+
+
+def _decode_all(
+    images: list[Image], size: int, device: torch.device, fallback: Callable[[bytes], Tensor]
+) -> tuple[dict[str, Tensor], dict[str, ImageError]]:
+    """``({key: [3, size, size] on device}, {key: error})`` for pending ``images``."""
+    datas = [im.jpeg or b"" for im in images]
+    try:
+        batch = decode_resize(datas, size, device)
+        return {im.key: t for im, t in zip(images, batch, strict=True)}, {}
+    except RuntimeError:
+        pass
+    done: dict[str, Tensor] = {}
+    refused: dict[str, ImageError] = {}
+    for im, data in zip(images, datas, strict=True):
+        try:
+            done[im.key] = decode_resize([data], size, device)[0]
+        except RuntimeError:
+            try:
+                done[im.key] = fallback(data).to(device)
+            except ImageError as exc:
+                refused[im.key] = exc.at(im.source)
+    return done, refused

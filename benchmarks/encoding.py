@@ -23,7 +23,7 @@ from typing import Any
 from fastapi.routing import APIRoute, serialize_response
 
 from app.api.distance import router
-from app.api.schemas import DistanceResponse, PairResult, Timing
+from app.api.schemas import DistanceResponse, PairResult, ThresholdBasis, Timing
 
 
 def response(candidates: int) -> DistanceResponse:
@@ -39,6 +39,7 @@ def response(candidates: int) -> DistanceResponse:
         model="lpips-alex",
         resolution=(256, 256),
         threshold=0.4578,
+        threshold_basis=ThresholdBasis(source="request"),
         results=results,
         timing_ms=timing,
     )

@@ -314,6 +314,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         1.0 if dry else 10.0,
         out,
     )
+    # the same with JPEGs decoded on the device in each micro-batch (nvJPEG; opt-in)
+    step(
+        "replicas_device_decode",
+        _replicas,
+        env,
+        dry,
+        shapes,
+        (2, 4) if dry else (8, 256),
+        1.0 if dry else 10.0,
+        out,
+        {"RLPIPS_DECODE_DEVICE": "device"},
+    )
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -84,10 +84,12 @@ def replicas(
     level: tuple[int, int],
     seconds: float,
     out: Path,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """For each K in ``counts``: K replicas on the device, ``level`` = (client processes, connections)
-    spread round-robin over them; pairs/s and latency per K."""
-    settings = _settings(shared, dry)
+    spread round-robin over them; pairs/s and latency per K. ``extra``: settings on top (e.g.
+    ``RLPIPS_DECODE_DEVICE``)."""
+    settings = _settings(shared, dry) | (extra or {})
     results: dict[str, Any] = {"settings": settings, "level": list(level), "shapes": []}
     for k in counts:
         with ExitStack() as stack:

@@ -22,6 +22,7 @@ from app.api.schemas import (
     DistanceOptions,
     DistanceResponse,
     PairResult,
+    ThresholdBasis,
     Timing,
 )
 from app.imaging import heatmap_png
@@ -79,7 +80,8 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
     with rt.telemetry.pairs_inflight(body.counts["candidate"]):
         t_decode = time.perf_counter()
         images = await until_disconnect(
-            request, rt.decode(body.images, time_left(started, rt.settings.deadline_s))
+            request,
+            rt.decode(body.images, time_left(started, rt.settings.deadline_s), for_batch=True),
         )
         decode_s = time.perf_counter() - t_decode
         query = Query(model, images[0], tuple(images[1:]), opts.spatial, invariance)
@@ -104,6 +106,7 @@ async def distance(request: Request, rt: ReadyRuntime) -> DistanceResponse:
         model=model,
         resolution=[rt.resolution, rt.resolution],
         threshold=threshold,
+        threshold_basis=ThresholdBasis.of(rt.store.model(model), opts.threshold is not None),
         invariance=list(invariance) or None,
         results=results,
         timing_ms=Timing.of(decode_s, done.queued_s, done.device_s, time.perf_counter() - started),

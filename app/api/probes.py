@@ -39,6 +39,7 @@ def describe_models(store: ModelStore, loaded: set[str], default: str) -> Models
                 source=m.source,
                 files=[describe_file(store, f) for f in store.files_of(name)],
                 threshold=m.threshold,
+                calibration=m.calibration,
                 loaded=name in loaded,
                 default=name == default,
             )

@@ -24,6 +24,7 @@ from app.api.schemas import (
     RobustnessJSON,
     RobustnessOptions,
     RobustnessResponse,
+    ThresholdBasis,
     Timing,
 )
 from app.attacks.robustness import AttackSpec, ModelResult
@@ -71,12 +72,16 @@ def _thresholds(rt: Runtime, o: RobustnessOptions) -> dict[str, float]:
     return {n: rt.threshold(n) if o.threshold is None else o.threshold for n in names}
 
 
-async def _outcomes(rt: Runtime, results: list[ModelResult], pngs: bool) -> list[ModelOutcome]:
-    """The per-model bodies; the adversarial PNGs are encoded in the decode pool."""
+async def _outcomes(
+    rt: Runtime, results: list[ModelResult], pngs: bool, given: bool
+) -> list[ModelOutcome]:
+    """The per-model bodies (``given``: the request set the threshold); the adversarial PNGs are
+    encoded in the decode pool."""
+    bases = [ThresholdBasis.of(rt.store.model(r.model), given) for r in results]
     if not pngs:
-        return [ModelOutcome.of(r) for r in results]
+        return [ModelOutcome.of(r, b) for r, b in zip(results, bases, strict=True)]
     encoded = await asyncio.gather(*(rt.run_cpu(r.png) for r in results))
-    return [ModelOutcome.of(r, p) for r, p in zip(results, encoded, strict=True)]
+    return [ModelOutcome.of(r, b, p) for r, b, p in zip(results, bases, encoded, strict=True)]
 
 
 async def _png(rt: Runtime, image: Image) -> str:
@@ -114,7 +119,9 @@ async def robustness_check(request: Request, rt: ReadyRuntime) -> RobustnessResp
         attack=AttackParams.of(spec),
         resolution=[rt.resolution, rt.resolution],
         invariance=list(invariance) or None,
-        results=await _outcomes(rt, done.value, opts.return_adversarial),
+        results=await _outcomes(
+            rt, done.value, opts.return_adversarial, opts.threshold is not None
+        ),
         attacked_png=await _png(rt, attacked) if opts.return_adversarial else None,
         timing_ms=Timing.of(decode_s, done.queued_s, done.device_s, time.perf_counter() - started),
     )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from app.attacks.robustness import DEFAULT_STEPS, AttackSpec, ModelResult
 from app.config import comma_list
 from app.metric.queries import Invariance
+from app.metric.store import Calibration, ModelEntry
 
 #: A 1x1 PNG, base64, for the examples.
 PNG_1PX = (
@@ -128,6 +129,27 @@ class Timing(BaseModel):
         )
 
 
+class ThresholdBasis(BaseModel):
+    """Where a response's near-duplicate threshold came from."""
+
+    source: Literal["request", "calibrated", "store"] = Field(
+        description="request: the caller's; calibrated: the model's default, chosen at "
+        "false_match_rate on unrelated natural images (docs/CALIBRATION.md); store: the model's "
+        "default, not calibrated at a stated rate"
+    )
+    false_match_rate: float | None = Field(
+        None, description="calibrated only: the share of unrelated image pairs allowed to match"
+    )
+
+    @classmethod
+    def of(cls, entry: ModelEntry, from_request: bool) -> ThresholdBasis:
+        if from_request:
+            return cls(source="request")
+        if entry.calibration is None:
+            return cls(source="store")
+        return cls(source="calibrated", false_match_rate=entry.calibration.false_match_rate)
+
+
 class DistanceResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -136,6 +158,7 @@ class DistanceResponse(BaseModel):
                     "model": "lpips-alex",
                     "resolution": [256, 256],
                     "threshold": 0.2,
+                    "threshold_basis": {"source": "request"},
                     "results": [
                         {"distance": 0.0412, "near_duplicate": True},
                         {"distance": 0.6731, "near_duplicate": False},
@@ -151,6 +174,7 @@ class DistanceResponse(BaseModel):
         min_length=2, max_length=2, description="[H, W] the images were resized to"
     )
     threshold: float
+    threshold_basis: ThresholdBasis
     invariance: list[Invariance] | None = Field(None, description="as requested; absent: none")
     results: list[PairResult] = Field(description="one per candidate, in candidate order")
     timing_ms: Timing
@@ -169,6 +193,9 @@ class ModelInfo(BaseModel):
     source: str
     files: list[ModelFile]
     threshold: float
+    calibration: Calibration | None = Field(
+        description="how the threshold was calibrated (docs/CALIBRATION.md); null: not at a stated rate"
+    )
     loaded: bool
     default: bool
 
@@ -290,6 +317,8 @@ class ModelOutcome(BaseModel):
     clean_distance: float
     adversarial_distance: float = Field(description="measured on the returned 8-bit image")
     change: float = Field(description="adversarial_distance - clean_distance")
+    threshold: float
+    threshold_basis: ThresholdBasis
     clean_match: bool = Field(description="clean_distance <= threshold")
     adversarial_match: bool = Field(description="adversarial_distance <= threshold")
     flipped: bool
@@ -299,9 +328,11 @@ class ModelOutcome(BaseModel):
     )
 
     @classmethod
-    def of(cls, r: ModelResult, png: bytes | None = None) -> ModelOutcome:
+    def of(cls, r: ModelResult, basis: ThresholdBasis, png: bytes | None = None) -> ModelOutcome:
         return cls(
             model=r.model,
+            threshold=r.threshold,
+            threshold_basis=basis,
             clean_distance=r.clean_distance,
             adversarial_distance=r.adversarial_distance,
             change=r.change,

@@ -17,8 +17,7 @@ from app.cli import evaluation
 from app.cli.args import add_attack_args, add_device_arg, fraction, resolution_arg
 from app.cli.train import add_data_args, load_data, synth_config
 from app.config import Settings, comma_list, pick_device
-from app.metric.store import BASELINE_MODEL
-from app.training.calibration import calibrate
+from app.metric.store import BASELINE_MODEL, WeightsError
 from app.training.datasets import SPLITS, kind_counts
 from app.training.evaluate import TwoAFCAttack, evaluate, markdown_table
 from app.training.imagenet_attack import (
@@ -66,14 +65,39 @@ def cmd_imagenet_attack(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_thresholds(args: argparse.Namespace, settings: Settings) -> int:
+    from app.evaluation.calibration import calibrate, manifest_entry
+    from app.evaluation.scorers import LPIPSScorer
+    from app.evaluation.suite import make_scorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     store = settings.store()
-    report = calibrate(
-        store, args.models or store.names, Path(args.images), args.limit, args.resolution, args.seed
-    )
+    report: dict[str, Any] = {"command": _command(), "models": {}}
+    for name in args.models or store.names:
+        try:
+            scorer = make_scorer(name, store)
+        except WeightsError as exc:  # not available offline: reported, not dropped
+            report["models"][name] = {"skipped": str(exc).split(".")[0]}
+            continue
+        assert isinstance(scorer, LPIPSScorer)
+        result = calibrate(scorer, Path(args.images), args.views, args.resolution, args.fmr)
+        report["models"][name] = result
+        print(f"{name}: threshold {result['threshold']} ({result['false_matches']} of "
+              f"{result['pairs']} unrelated pairs match)", file=sys.stderr)  # fmt: skip
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    print(text)
+    else:
+        print(text)
+    if args.write_manifest:
+        path = store.root / "manifest.json"
+        manifest = json.loads(path.read_text())
+        for name, result in report["models"].items():
+            if "threshold" in result:
+                entry = manifest["models"][name]
+                entry["threshold"] = result["threshold"]
+                entry["calibration"] = manifest_entry(result)
+        path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 
@@ -134,13 +158,22 @@ def _register_imagenet_attack(evaluate_sub: argparse._SubParsersAction) -> None:
 
 
 def _register_thresholds(evaluate_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = evaluate_sub.add_parser("thresholds", help="calibrate near-duplicate thresholds")
+    p = evaluate_sub.add_parser(
+        "thresholds",
+        help="calibrate near-duplicate thresholds at a false-match rate on unrelated images",
+        description="docs/CALIBRATION.md: the largest threshold at which at most --fmr of the pairs "
+        "of views of different val-split images match",
+    )
     p.add_argument("--models", nargs="*", help="store model names (default: all)")
     p.add_argument("--images", default="../shared/images/imagenet-sample")
-    p.add_argument("--limit", type=int, default=300)
+    p.add_argument("--views", type=int, default=5, help="views per image (1..5)")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fmr", type=float, default=1e-5, help="false-match rate to calibrate at")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--out", help="write the JSON report here")
+    p.add_argument(
+        "--write-manifest", action="store_true", help="set the store's thresholds and calibration"
+    )
     p.set_defaults(func=cmd_thresholds)
 
 

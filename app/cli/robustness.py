@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from app.api.schemas import AttackParams, ModelOutcome
+from app.api.schemas import AttackParams, ModelOutcome, ThresholdBasis
 from app.attacks.robustness import GOALS, AttackSpec, ModelResult, load_targets, robustness_check
 from app.cli.args import add_attack_args, resolution_arg
 from app.config import Settings, comma_list, pick_device
@@ -79,7 +79,12 @@ def cmd_robustness(args: argparse.Namespace, settings: Settings) -> int:
         out = {
             "attack": AttackParams.of(eff).model_dump(),
             "resolution": [int(ref.shape[1]), int(ref.shape[2])],
-            "results": [ModelOutcome.of(r).model_dump(exclude_none=True) for r in results],
+            "results": [
+                ModelOutcome.of(r, ThresholdBasis.of(store.model(r.model), False)).model_dump(
+                    exclude_none=True
+                )
+                for r in results
+            ],
         }
         print(json.dumps(out))
     else:

@@ -14,6 +14,7 @@ bit-identical here (same seeded generator per ``(seed, source, patch)``).
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,6 @@ from torch import Tensor
 
 from app.imaging import decode, resize, to_tensor, to_unit
 from app.training import distortions
-from app.training.calibration import jpeg_edit
 from app.training.datasets import SynthConfig, TripletSet, generate, source_files, split_sources
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "images"
@@ -36,6 +36,23 @@ TRAIN_SEED = 0
 TRAIN_FRACTIONS = (0.8, 0.1, 0.1)
 
 Edit = Callable[[Image.Image], Image.Image]
+
+
+def jpeg_edit(quality: int) -> Edit:
+    """Re-encode as JPEG at ``quality`` (a benign edit)."""
+
+    def edit(img: Image.Image) -> Image.Image:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+    return edit
+
+
+def calibration_files(images: Path = IMAGENET) -> list[Path]:
+    """The val-split sources: never trained on, never evaluated on; they calibrate thresholds."""
+    files = source_files(images)
+    return [files[i] for i in split_sources(len(files), TRAIN_SEED, TRAIN_FRACTIONS)["val"]]
 
 
 def training_files(images: Path = IMAGENET) -> list[Path]:

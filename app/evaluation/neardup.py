@@ -37,8 +37,8 @@ def threshold_at_fmr(neg: Tensor, fmr: float = FMR_TARGET) -> float:
     """The largest threshold whose FMR on ``neg`` is at most ``fmr``: just below the
     ``(⌊fmr·n⌋ + 1)``-th smallest negative distance."""
     allowed = int(np.floor(fmr * len(neg)))
-    kth = float(neg.sort().values[min(allowed, len(neg) - 1)])
-    return float(np.nextafter(kth, -np.inf))
+    kth = neg.sort().values[min(allowed, len(neg) - 1)]
+    return float(torch.nextafter(kth, torch.tensor(-np.inf, dtype=kth.dtype)))  # in neg's dtype
 
 
 def auc(pos: Tensor, neg: Tensor) -> float:

@@ -278,8 +278,11 @@ class Engine:
         """``images`` stacked to ``[N, 3, H, W]`` on the device, in the trunk's memory format. CUDA:
         stacked straight into a pinned host buffer (torch's caching host allocator reuses it once the
         copy is done), one non-blocking copy for the whole batch, the layout change on the device."""
-        if self.device.type != "cuda":
-            return torch.stack(images).to(self.device, memory_format=self._memory_format)
+        if any(t.device != images[0].device for t in images):  # some decoded on the device
+            images = [t.to(self.device) for t in images]
+        if self.device.type != "cuda" or images[0].device.type == "cuda":
+            x = torch.stack(images).to(self.device)
+            return x.contiguous(memory_format=self._memory_format)
         first = images[0]
         pinned = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=True)
         torch.stack(images, out=pinned)

@@ -28,10 +28,15 @@ def content_key(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Image:
-    """A decoded image ready for the device: ``tensor`` ``[3, H, W]`` float32 in ``[-1, 1]`` (CPU)."""
+    """An image for the device: ``tensor`` ``[3, H, W]`` float32 in ``[-1, 1]`` (CPU, or the device
+    once decoded there) — or, while ``jpeg`` is set, not yet decoded: ``tensor`` is empty and the JPEG
+    waits to be decoded on the model's device with its micro-batch (``RLPIPS_DECODE_DEVICE``,
+    :mod:`app.device_decode`); ``source`` names the input for an error found then."""
 
     tensor: Tensor
     key: str
+    jpeg: bytes | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True)

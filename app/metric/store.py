@@ -80,8 +80,21 @@ class TrunkRef(BaseModel):
     file: str
 
 
+class Calibration(BaseModel):
+    """How a model's default threshold was chosen (``rlpips evaluate thresholds``, docs/CALIBRATION.md):
+    the largest threshold at which at most ``false_match_rate`` of ``pairs`` unrelated natural-image
+    pairs match (``false_matches`` of them did)."""
+
+    model_config = ConfigDict(extra="forbid")
+    false_match_rate: float = Field(gt=0, lt=1)
+    false_matches: int = Field(ge=0)
+    pairs: int = Field(ge=1)
+    images: str = Field(description="which unrelated images, views and resolution")
+
+
 class ModelEntry(BaseModel):
-    """A servable metric: a trunk file, a heads file and a default near-duplicate threshold."""
+    """A servable metric: a trunk file, a heads file and a default near-duplicate threshold (with how
+    it was calibrated, when it was)."""
 
     model_config = ConfigDict(extra="forbid")
     trunk: TrunkRef
@@ -89,6 +102,7 @@ class ModelEntry(BaseModel):
     variant: str
     source: str
     threshold: float = Field(ge=0)
+    calibration: Calibration | None = None
     card: str
 
 

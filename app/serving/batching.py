@@ -86,9 +86,11 @@ _SKIPPED = _Skipped()
 
 @dataclass(frozen=True)
 class _Failed:
-    """The device failed this item (the exception is raised to its caller)."""
+    """The item failed (the exception is raised to its caller): the device failed its batch, or
+    ``process`` refused the item alone (``device=False``, e.g. its image would not decode)."""
 
     error: Exception
+    device: bool = True
 
 
 @dataclass(eq=False)
@@ -103,7 +105,8 @@ class _Item(Generic[T, R]):
 
 
 class MicroBatcher(Generic[T, R]):
-    """Groups submitted items into batches for ``process(payloads) -> results`` (same order, same length).
+    """Groups submitted items into batches for ``process(payloads) -> results`` (same order, same length;
+    an ``Exception`` in place of a result fails that item alone).
 
     ``process`` runs on the worker's batch lane. Sizes are counted in the caller's unit (pairs): a batch
     holds at most ``max_batch`` of it, except that an item larger than ``max_batch`` runs alone. Admission
@@ -113,7 +116,7 @@ class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
         worker: Executor,
-        process: Callable[[list[T]], Sequence[R]],
+        process: Callable[[list[T]], Sequence[R | Exception]],
         *,
         max_batch: int,
         max_wait_s: float,
@@ -321,7 +324,7 @@ class MicroBatcher(Generic[T, R]):
         ]
         if not ran:
             return  # every item expired or was cancelled while the batch waited for the device
-        failed = sum(isinstance(r, _Failed) for _, r, _ in ran)
+        failed = sum(isinstance(r, _Failed) and r.device for _, r, _ in ran)
         self.failures = self.failures + 1 if failed == len(ran) else 0
         if failed < len(ran):
             size = sum(i.size for i, _, _ in ran)
@@ -352,7 +355,10 @@ class MicroBatcher(Generic[T, R]):
         :class:`_Failed` per item. A failure that ``split_on`` accepts (device out of memory) is
         retried as two halves, recursively, before it fails the items that still cannot run."""
         try:
-            results: list[R | _Failed] = list(self._process(payloads))
+            results: list[R | _Failed] = [
+                _Failed(r, device=False) if isinstance(r, Exception) else r
+                for r in self._process(payloads)
+            ]
             if len(results) != len(payloads):
                 raise RuntimeError(
                     f"process returned {len(results)} results for {len(payloads)} items"

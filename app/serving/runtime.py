@@ -19,7 +19,9 @@ from functools import partial
 from typing import TypeVar
 
 import torch
+from torch import Tensor
 
+from app import device_decode
 from app.attacks.robustness import AttackSpec, ModelResult, RobustnessJob, Target
 from app.config import Settings, pick_device, resolve_precision
 from app.imaging import (
@@ -195,8 +197,12 @@ class Runtime:
         """Raise what :meth:`attack` would raise at admission now (call before decoding)."""
         self.jobs.check_admission()
 
-    async def decode(self, inputs: Sequence[tuple[str, bytes]], timeout_s: float) -> list[Image]:
+    async def decode(
+        self, inputs: Sequence[tuple[str, bytes]], timeout_s: float, for_batch: bool = False
+    ) -> list[Image]:
         """Decode + resize every ``(name, bytes)`` to ``[3, R, R]`` in ``[-1, 1]``, within ``timeout_s``.
+        ``for_batch`` (images bound for :meth:`distance`) with ``RLPIPS_DECODE_DEVICE=device``: JPEGs
+        the device decoder accepts are only checked here and decode with their micro-batch.
 
         First every header is read and checked (an :class:`ImageError` names its input), the request's
         decode cost is held to ``max_request_pixels`` (:class:`ImageTooLarge`) and admitted to the
@@ -207,9 +213,13 @@ class Runtime:
             async with asyncio.timeout(timeout_s):
                 headers = await self.decoder.run(partial(self._headers, inputs))
                 self._check_cost(inputs, headers)
+                defer = for_batch and self.settings.decode_device == "device"
                 jobs = [
-                    (partial(self._prepare, d), h.cost)
-                    for (_, d), h in zip(inputs, headers, strict=True)
+                    (
+                        partial(self._prepare, d, n, defer and h.cost <= self.decoder.heavy_cost),
+                        h.cost,
+                    )
+                    for (n, d), h in zip(inputs, headers, strict=True)
                 ]
                 try:
                     futures = self.decoder.submit(jobs)
@@ -292,19 +302,33 @@ class Runtime:
         task = asyncio.ensure_future(self.distance(query, self.settings.deadline_s))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _prepare(self, data: bytes) -> Image:
-        """Decode + resize one image to the working resolution (runs on a decode lane)."""
+    def _prepare(self, data: bytes, source: str = "", defer: bool = False) -> Image:
+        """Decode + resize one image to the working resolution (runs on a decode lane); ``defer``: a
+        JPEG the device decoder accepts stays encoded, for :meth:`_process`."""
+        if defer and device_decode.accepts(data):
+            return Image(torch.empty(0), content_key(data), data, source)
         t0 = time.perf_counter()
-        tensor = load_tensor(data, self.resolution, self.limits, self.settings.jpeg_draft)
-        image = Image(tensor, content_key(data))
+        image = Image(self._decode_one(data), content_key(data))
         self.telemetry.decoded(time.perf_counter() - t0)
         return image
 
-    def _process(self, queries: list[Query]) -> list[Answer]:
-        """The batcher's ``process`` (device thread): the fault hook if installed, then the engine."""
+    def _decode_one(self, data: bytes) -> Tensor:
+        return load_tensor(data, self.resolution, self.limits, self.settings.jpeg_draft)
+
+    def _process(self, queries: list[Query]) -> list[Answer | Exception]:
+        """The batcher's ``process`` (device thread): the fault hook if installed, the batch's pending
+        JPEGs decoded on the device (a query whose image fails gets its error), then the engine."""
         if self.fault_hook is not None:
             self.fault_hook(queries)
-        return self.engine(queries)
+        pending = len({i.key for q in queries for i in (q.reference, *q.candidates) if i.jpeg})
+        t0 = time.perf_counter()
+        ready, errors = device_decode.decode_pending(
+            queries, self.resolution, self.device, self._decode_one
+        )
+        for _ in range(pending):  # one observation per image: the batch's mean
+            self.telemetry.decoded((time.perf_counter() - t0) / pending)
+        answers = iter(self.engine(ready) if ready else [])
+        return [errors[i] if i in errors else next(answers) for i in range(len(queries))]
 
     # -- life cycle ----------------------------------------------------------------------------
 

@@ -201,6 +201,35 @@ async def test_exception_fails_only_its_batch(make) -> None:
     assert model.seen[1:] == [[-1, 5], [6, 7]]
 
 
+class PickyModel(FakeModel):
+    """Refuses odd payloads one by one (an ``Exception`` in place of the result), like a query whose
+    image will not decode, and doubles the rest."""
+
+    def __call__(self, payloads: list[int]) -> list[int | Exception]:  # type: ignore[override]
+        self.seen.append(list(payloads))
+        return [ValueError(f"odd {p}") if p % 2 else 2 * p for p in payloads]
+
+
+async def test_an_item_refused_by_process_fails_alone_and_never_marks_the_device_failing(
+    make,
+) -> None:
+    factory, _, _ = make
+    model = PickyModel()
+    b = factory(model, max_wait_s=0.05, max_batch=4)
+    out = await asyncio.gather(*(b.submit(v) for v in (1, 2, 3, 4)), return_exceptions=True)
+    assert any(len(batch) > 1 for batch in model.seen)  # refused items shared a batch with others
+    assert [str(o) if isinstance(o, ValueError) else o.value for o in out] == [
+        "odd 1",
+        4,
+        "odd 3",
+        8,
+    ]
+    for _ in range(5):  # batches of nothing but refused items: the inputs' fault, not the device's
+        with pytest.raises(ValueError, match="odd 5"):
+            await b.submit(5)
+    assert not b.failing
+
+
 async def test_full_queue_is_refused_with_retry_after(make) -> None:
     factory, rec, _ = make
     model = FakeModel()

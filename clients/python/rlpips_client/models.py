@@ -74,6 +74,10 @@ class DistanceResult:
     threshold: float
     results: tuple[PairResult, ...]
     timing_ms: Timing
+    #: where ``threshold`` came from: ``request``, ``calibrated`` (at ``false_match_rate`` on unrelated
+    #: natural images) or ``store``; ``None`` from services that do not say
+    threshold_source: str | None
+    false_match_rate: float | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -82,12 +86,15 @@ class DistanceResult:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> DistanceResult:
+        basis = raw.get("threshold_basis") or {}
         return cls(
             str(raw["model"]),
             _resolution(raw),
             float(raw["threshold"]),
             tuple(PairResult.from_json(r) for r in raw["results"]),
             Timing.from_json(raw["timing_ms"]),
+            basis.get("source"),
+            None if basis.get("false_match_rate") is None else float(basis["false_match_rate"]),
             raw,
         )
 
