@@ -39,7 +39,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: LPIPS distances are ≥ 0 and mostly below 1; the near-duplicate thresholds of the shipped models are
-#: 0.3657-0.4578 (model_store/manifest.json, docs/thresholds.json), so the buckets are 0.05 apart there.
+#: 0.20-0.54 (model_store/manifest.json, docs/CALIBRATION.md), so the buckets are 0.05 apart there.
 DISTANCE_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.0, 1.5,
 )  # fmt: skip
