@@ -201,6 +201,12 @@ def test_results_are_typed_and_keep_the_raw_body() -> None:
     with client(script, waits) as c:
         r = c.distance(b"ref", b"cand", spatial=True, per_layer=True)
     assert r.resolution == (64, 64) and r.threshold == 0.4578 and r.timing_ms.total == 6.5
+    assert r.threshold_source is None and r.false_match_rate is None  # an older service: not said
+    basis = {"source": "calibrated", "false_match_rate": 1e-05}
+    script = Script(httpx.Response(200, json=DISTANCE | {"threshold_basis": basis}))
+    with client(script, []) as c:
+        said = c.distance(b"ref", b"cand")
+    assert said.threshold_source == "calibrated" and said.false_match_rate == 1e-5
     assert r.results[0].per_layer == (0.1, 0.15) and r.results[0].spatial_png == b"\x89PNGheat"
     assert r.raw["results"][0]["spatial_png"] == png
     with pytest.raises(AttributeError):
