@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace, settings: Settings, parts: tuple[str, ...]) -
     cfg = SuiteConfig(
         models=args.models, parts=parts, triplets=args.triplets, attacks=_attacks(args),
         resolution=args.resolution, images=args.images, edits=args.edits,
-        negative_views=args.negative_views, attack_pairs=args.attack_pairs,
+        negative_views=args.negative_views, mirror=not args.no_mirror, attack_pairs=args.attack_pairs,
         attack_steps=args.attack_steps, attack_queries=args.attack_queries,
         attack_epsilon=args.attack_epsilon, seed=args.seed,
     )  # fmt: skip
@@ -130,6 +130,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--images", type=int, help="first N evaluation images (default: all 124)")
     g.add_argument("--edits", nargs="+", default=list(EDITS), choices=list(EDITS))
     g.add_argument("--negative-views", type=int, default=4, help="crop views per image (1..5)")
+    g.add_argument("--no-mirror", action="store_true",
+                   help="skip the near-duplicate ROC with the mirror invariance on")  # fmt: skip
     g.add_argument("--attack-pairs", type=int, default=32, help="pairs for evasion / impersonation")
     g.add_argument("--attack-steps", type=int, default=50)
     g.add_argument("--attack-queries", type=int, default=500, help="Square budget (PDQ)")

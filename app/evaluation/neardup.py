@@ -24,10 +24,18 @@ from app.evaluation.scorers import Scorer, encode, pairwise, select
 FMR_TARGET = 1e-5
 
 
-def negative_distances(scorer: Scorer, x: Tensor, groups: Tensor | None = None) -> Tensor:
+def negative_distances(
+    scorer: Scorer, x: Tensor, groups: Tensor | None = None, mirror: bool = False
+) -> Tensor:
     """Distances of every unordered pair of rows of ``x`` ``[M, 3, H, W]`` (``[M(M−1)/2]``, float64);
-    with ``groups`` ``[M]`` only pairs from different groups (e.g. crops of different sources)."""
-    d = pairwise(scorer, encode(scorer, x, desc=f"{scorer.name} unrelated images"))
+    with ``groups`` ``[M]`` only pairs from different groups (e.g. crops of different sources).
+    ``mirror``: the service's mirror invariance, row ``i`` the reference: ``min(d(x_i, x_j),
+    d(x_i, flip x_j))``."""
+    f = encode(scorer, x, desc=f"{scorer.name} unrelated images")
+    d = pairwise(scorer, f)
+    if mirror:
+        flipped = encode(scorer, x.flip(-1), desc=f"{scorer.name} mirrored unrelated images")
+        d = torch.minimum(d, pairwise(scorer, f, flipped))
     i, j = torch.triu_indices(len(x), len(x), offset=1)
     keep = torch.ones(len(i), dtype=torch.bool) if groups is None else groups[i] != groups[j]
     return d[i[keep], j[keep]]
@@ -93,14 +101,20 @@ def detection_report(
     }
 
 
-def positive_distances(scorer: Scorer, orig: Tensor, edited: Tensor) -> Tensor:
-    """``d(orig[i // E], edited[i])`` for the ``E`` edits of every original (``[M·E]``)."""
+def positive_distances(
+    scorer: Scorer, orig: Tensor, edited: Tensor, mirror: bool = False
+) -> Tensor:
+    """``d(orig[i // E], edited[i])`` for the ``E`` edits of every original (``[M·E]``); ``mirror``:
+    the minimum over the edited copy and its mirror (the service's ``invariance: ["hflip"]``)."""
     per = len(edited) // len(orig)
     fo = encode(scorer, orig)
-    fe = encode(scorer, edited, desc=f"{scorer.name} edited copies")
     idx = torch.arange(len(edited)) // per
-    with torch.no_grad():
-        return scorer.distance(select(fo, idx), fe).double()
+    out = []
+    for x in (edited, edited.flip(-1)) if mirror else (edited,):
+        fe = encode(scorer, x, desc=f"{scorer.name} edited copies")
+        with torch.no_grad():
+            out.append(scorer.distance(select(fo, idx), fe).double())
+    return torch.stack(out).amin(dim=0)
 
 
 def attack_pairs(

@@ -98,6 +98,17 @@ def markdown(report: dict[str, Any]) -> str:
             [f"`{n}`", *(_f(r["detection_fmr_1e-5"][e], 2) for e in edits)] for n, r in nd.items()
         ]
         out += [*_table(["model", *edits], rows), ""]
+    mirrored = {n: m["neardup_mirror"] for n, m in models.items() if "neardup_mirror" in m}
+    if mirrored:
+        edits = list(next(iter(mirrored.values()))["detection"])
+        out += ["### With the mirror invariance on (`invariance: [\"hflip\"]`: the minimum over the "
+                "candidate and its mirror, negatives too)", ""]  # fmt: skip
+        rows = [
+            [f"`{n}`", _f(r["threshold"], 4), f"{r['false_matches']} / {r['n_negatives']}",
+             *(_f(r["detection"][e], 2) for e in edits)]
+            for n, r in mirrored.items()
+        ]  # fmt: skip
+        out += [*_table(["model", "threshold", "false matches", *edits], rows), ""]
     att = {n: m for n, m in models.items() if "evasion" in m}
     if att:
         out += ["### Evasion and impersonation at the model's threshold", ""]

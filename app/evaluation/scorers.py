@@ -107,28 +107,33 @@ def encode(scorer: Scorer, x: Tensor, batch: int = 32, desc: str | None = None) 
         return concat([scorer.features(x[i : i + batch]) for i in starts])
 
 
-def lpips_pairwise(scorer: LPIPSScorer, f: Sequence[Tensor], block: int = 64) -> Tensor:
-    """All-pairs distances ``[M, M]`` (float64) from cached normalised features.
+def lpips_pairwise(
+    scorer: LPIPSScorer, f: Sequence[Tensor], block: int = 64, g: Sequence[Tensor] | None = None
+) -> Tensor:
+    """All-pairs distances ``[M, M]`` (float64) from cached normalised features; with ``g`` (another
+    feature list of ``M'`` rows) the cross distances ``d(f_i, g_j)`` ``[M, M']`` instead.
 
     ``d(a, b) = Σ_l mean_hw Σ_c w_c (a − b)² = Σ_l (‖g_a‖² + ‖g_b‖² − 2 g_a·g_b) / (H_l W_l)`` with
     ``g = √w ⊙ f`` flattened: one Gram matrix per layer (float64 blocks), instead of M² trunk passes.
     """
-    m = f[0].shape[0]
-    out = torch.zeros(m, m, dtype=torch.float64)
-    for feat, w in zip(f, scorer.metric.heads.weights, strict=True):
-        g = (feat * w.detach().sqrt()).flatten(1).double()
-        hw = feat.shape[2] * feat.shape[3]
-        sq = (g * g).sum(dim=1)
-        for i in range(0, m, block):
-            gram = g[i : i + block] @ g.T
-            out[i : i + block] += (sq[i : i + block, None] + sq[None, :] - 2 * gram) / hw
+    other = f if g is None else g
+    out = torch.zeros(f[0].shape[0], other[0].shape[0], dtype=torch.float64)
+    for fa, fb, w in zip(f, other, scorer.metric.heads.weights, strict=True):
+        ga = (fa * w.detach().sqrt()).flatten(1).double()
+        gb = (fb * w.detach().sqrt()).flatten(1).double()
+        hw = fa.shape[2] * fa.shape[3]
+        sa, sb = (ga * ga).sum(dim=1), (gb * gb).sum(dim=1)
+        for i in range(0, len(ga), block):
+            gram = ga[i : i + block] @ gb.T
+            out[i : i + block] += (sa[i : i + block, None] + sb[None, :] - 2 * gram) / hw
     return out.clamp_min(0)
 
 
-def pairwise(scorer: Scorer, f: Sequence[Tensor]) -> Tensor:
-    """All-pairs distances ``[M, M]`` (float64) for any scorer (PDQ: exact Hamming via a Gram matrix)."""
+def pairwise(scorer: Scorer, f: Sequence[Tensor], g: Sequence[Tensor] | None = None) -> Tensor:
+    """All-pairs distances ``[M, M]`` (float64) for any scorer (PDQ: exact Hamming via a Gram matrix);
+    with ``g``, the cross distances ``d(f_i, g_j)``."""
     if isinstance(scorer, LPIPSScorer):
-        return lpips_pairwise(scorer, f)
-    b = f[0].double()
-    ones = b.sum(dim=1)
-    return (ones[:, None] + ones[None, :] - 2 * b @ b.T).round()
+        return lpips_pairwise(scorer, f, g=g)
+    a = f[0].double()
+    b = a if g is None else g[0].double()
+    return (a.sum(dim=1)[:, None] + b.sum(dim=1)[None, :] - 2 * a @ b.T).round()

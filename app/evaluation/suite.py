@@ -56,6 +56,7 @@ class SuiteConfig:
     images: int | None = None  # first N evaluation images (None: all 124)
     edits: list[str] = field(default_factory=lambda: list(data.EDITS))
     negative_views: int = 4
+    mirror: bool = True  # also near-duplicates with the mirror invariance on
     attack_pairs: int = 32
     attack_steps: int = 50
     attack_restarts: int = 1
@@ -155,6 +156,11 @@ def run_suite(
             pos = neardup.positive_distances(s, orig, edited)
             neg = neardup.negative_distances(s, views, groups)
             models[n]["neardup"] = neardup.detection_report(pos, edit_names, neg, s.threshold)
+            if cfg.mirror:  # the same with the service's mirror invariance (issue 13 item 3)
+                pos = neardup.positive_distances(s, orig, edited, mirror=True)
+                neg = neardup.negative_distances(s, views, groups, mirror=True)
+                report_m = neardup.detection_report(pos, edit_names, neg, s.threshold)
+                models[n]["neardup_mirror"] = report_m
         done("neardup")
     if "attacks" in cfg.parts:
         k = min(cfg.attack_pairs, len(orig))

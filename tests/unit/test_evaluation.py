@@ -12,7 +12,7 @@ import torch
 
 from app.cli.main import main
 from app.evaluation import data
-from app.evaluation.neardup import auc, negative_distances, threshold_at_fmr
+from app.evaluation.neardup import auc, negative_distances, positive_distances, threshold_at_fmr
 from app.evaluation.scorers import LPIPSScorer, PDQScorer, encode, pairwise
 from app.imaging import to_signed
 from app.metric.store import ModelStore
@@ -75,6 +75,26 @@ def test_pairwise_from_cached_features_equals_the_metric(small) -> None:  # type
     cross = groups[a] != groups[b]
     assert len(neg) == int(cross.sum()) == 24
     assert torch.allclose(neg, brute[cross], rtol=1e-5, atol=1e-6)
+
+
+def test_mirror_invariant_distances_equal_the_metric_on_both_variants(small) -> None:  # type: ignore[no-untyped-def]
+    scorer, x, groups = small
+    pairs = [(i, j) for i, j in itertools.combinations(range(len(x)), 2) if groups[i] != groups[j]]
+    a = torch.tensor([i for i, _ in pairs])
+    b = torch.tensor([j for _, j in pairs])
+    with torch.no_grad():
+        plain = scorer.metric(to_signed(x[a]), to_signed(x[b])).double()
+        flipped = scorer.metric(to_signed(x[a]), to_signed(x[b].flip(-1))).double()
+    neg = negative_distances(scorer, x, groups, mirror=True)
+    assert torch.allclose(neg, torch.minimum(plain, flipped), rtol=1e-5, atol=1e-6)
+    assert bool((flipped < plain).any())  # the mirror does win some pairs
+    orig = x[::2]
+    copies = torch.stack([x[1::2], x[::2].flip(-1)], dim=1).flatten(0, 1)  # E = 2 per original
+    pos = positive_distances(scorer, orig, copies, mirror=True)
+    with torch.no_grad():
+        want = scorer.metric(to_signed(orig.repeat_interleave(2, 0)), to_signed(copies)).double()
+    assert bool((pos <= want + 1e-6).all())
+    assert float(pos[1::2].max()) < 1e-5  # a mirrored copy is found at distance 0
 
 
 def test_pdq_pairwise_is_the_hamming_distance(small) -> None:  # type: ignore[no-untyped-def]
