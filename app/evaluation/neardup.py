@@ -102,19 +102,24 @@ def detection_report(
 
 
 def positive_distances(
-    scorer: Scorer, orig: Tensor, edited: Tensor, mirror: bool = False
+    scorer: Scorer, orig: Tensor, edited: Tensor, mirror: bool = False, chunk: int = 64
 ) -> Tensor:
     """``d(orig[i // E], edited[i])`` for the ``E`` edits of every original (``[M·E]``); ``mirror``:
-    the minimum over the edited copy and its mirror (the service's ``invariance: ["hflip"]``)."""
+    the minimum over the edited copy and its mirror (the service's ``invariance: ["hflip"]``). The
+    copies are encoded ``chunk`` at a time (a 256² AlexNet feature list is 2.5 MB per image)."""
     per = len(edited) // len(orig)
     fo = encode(scorer, orig)
-    idx = torch.arange(len(edited)) // per
     out = []
-    for x in (edited, edited.flip(-1)) if mirror else (edited,):
-        fe = encode(scorer, x, desc=f"{scorer.name} edited copies")
+    starts = tqdm(range(0, len(edited), chunk), desc=f"{scorer.name} edited copies", leave=False)
+    for i in starts:
+        part = edited[i : i + chunk]
+        fsel = select(fo, torch.arange(i, i + len(part)) // per)
         with torch.no_grad():
-            out.append(scorer.distance(select(fo, idx), fe).double())
-    return torch.stack(out).amin(dim=0)
+            d = scorer.distance(fsel, encode(scorer, part)).double()
+            if mirror:
+                d = torch.minimum(d, scorer.distance(fsel, encode(scorer, part.flip(-1))).double())
+        out.append(d)
+    return torch.cat(out)
 
 
 def attack_pairs(
