@@ -6,7 +6,8 @@ the pairs of *unrelated* natural images match (``d <= threshold``):
 
 - images: the 100 **val** sources of the training split (:func:`app.evaluation.data.calibration_files`):
   never trained on and never used by the evaluation suite, which reports the false-match rate at this
-  threshold on its own held-out images (the 100 test sources and Kodak24);
+  threshold on its own held-out images (the 100 test sources and Kodak24); or every image of another
+  folder (a deployment's own traffic);
 - ``views`` per image (the whole image and windows of 75 % of each side at the corners), resized to the
   working resolution (256²) as the service does; every pair of views of *different* sources is a
   negative: 5 views give 123,750 pairs, so a rate of 1e-5 allows one false match;
@@ -36,6 +37,8 @@ def calibrate(
 ) -> dict[str, Any]:
     """The threshold of ``scorer`` at false-match rate ``fmr`` and the measurements behind it (JSON)."""
     files = calibration_files(images)
+    default = images.resolve() == IMAGENET.resolve()
+    what = "ImageNet val-split sources" if default else f"images of {images}"
     x, groups = crop_views(files, resolution, views)
     neg = negative_distances(scorer, x, groups)  # float64
     threshold = math.floor(threshold_at_fmr(neg, fmr) * 1e4) / 1e4
@@ -47,7 +50,7 @@ def calibrate(
         "false_matches": matches,
         "pairs": len(neg),
         "measured_rate": matches / len(neg),
-        "images": f"{len(files)} ImageNet val-split sources x {views} views at {resolution}x{resolution}",
+        "images": f"{len(files)} {what} x {views} views at {resolution}x{resolution}",
         "smallest_unrelated": [round(float(v), 6) for v in low[:5]],
         "first_excluded": float(low[matches]),  # the smallest unrelated distance above it
         "median_unrelated": round(float(low[len(low) // 2]), 4),

@@ -50,8 +50,12 @@ def jpeg_edit(quality: int) -> Edit:
 
 
 def calibration_files(images: Path = IMAGENET) -> list[Path]:
-    """The val-split sources: never trained on, never evaluated on; they calibrate thresholds."""
+    """Images that calibrate thresholds: of the project's ImageNet sample, the val-split sources (never
+    trained on, never evaluated on); of any other folder (e.g. samples of a deployment's own traffic),
+    every image."""
     files = source_files(images)
+    if images.resolve() != IMAGENET.resolve():
+        return files
     return [files[i] for i in split_sources(len(files), TRAIN_SEED, TRAIN_FRACTIONS)["val"]]
 
 
