@@ -34,7 +34,8 @@ def robust_config(args: argparse.Namespace) -> RobustConfig:
         steps=args.steps, batch=args.batch, image_size=args.image_size, patch=args.patch,
         lr=args.lr, head_lr=args.head_lr, decay_from=args.decay_from, epsilon=args.epsilon,
         attack_steps=args.attack_steps, w_distill=args.w_distill, w_adv=args.w_adv,
-        w_geo=args.w_geo, w_balance=args.w_balance, pos_margin=args.pos_margin,
+        w_geo=args.w_geo, w_balance=args.w_balance, w_rank=args.w_rank,
+        rank_margin=args.rank_margin, pos_margin=args.pos_margin,
         neg_margin=args.neg_margin, max_share=args.max_share, crop=args.crop, rotate=args.rotate,
         shift=args.shift, flip=args.flip, seed=args.seed,
     )  # fmt: skip
@@ -115,8 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="fraction of the steps after which the lr decays linearly to 0")  # fmt: skip
     p.add_argument("--epsilon", type=fraction, default=d.epsilon, help="L-inf radius (pixels)")
     p.add_argument("--attack-steps", type=int, default=d.attack_steps)
-    for name in ("distill", "adv", "geo", "balance"):
+    for name in ("distill", "adv", "geo", "balance", "rank"):
         p.add_argument(f"--w-{name}", type=float, default=getattr(d, f"w_{name}"))
+    p.add_argument("--rank-margin", type=float, default=d.rank_margin)
     p.add_argument("--pos-margin", type=float, default=d.pos_margin)
     p.add_argument("--neg-margin", type=float, default=d.neg_margin)
     p.add_argument("--max-share", type=float, default=d.max_share)

@@ -122,10 +122,8 @@ class FineTuner:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * cfg.lr_factor(step)
             batch = draw_batch(self.pool, cfg, step)
-            batch.x, batch.y, batch.a, batch.b = (
-                t.to(self.device) for t in (batch.x, batch.y, batch.a, batch.b)
-            )
-            g = torch.Generator(device=self.device).manual_seed(cfg.seed * 7_919 + step)
+            batch = batch.to(self.device)
+            g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)  # CPU: same starts anywhere
             loss, terms = robust_loss(student, teacher, batch, cfg, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]

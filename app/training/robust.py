@@ -18,7 +18,9 @@ Loss (all distances are the student's ``d_S`` unless marked ``d_T``, the frozen 
 - ``adv`` (TRADES-like): ``d_S(y, y + δ*)`` with ``δ*`` from PGD maximising it within the L∞ ball
   ``epsilon`` (the adversarial change of the metric around a point, bounded);
 - ``geo``: ``relu(d_S(a, g(a)) − pos_margin)² + relu(neg_margin − d_S(a_i, g(a_j)))²`` (means);
-- ``balance``: ``Σ_l relu(share_l − max_share)²`` averaged over pairs, ``share_l = d_l / d``.
+- ``balance``: ``Σ_l relu(share_l − max_share)²`` averaged over pairs, ``share_l = d_l / d``;
+- ``rank`` (optional, ``w_rank``): objective 2AFC triplets ``(x, right, wrong)`` (the same distortion
+  draw at severities ≥ 0.3 apart) with PGD on ``right``: ``relu(d_S(x, right+δ*) − d_S(x, wrong) + m)``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class RobustConfig:
     w_adv: float = 1.0
     w_geo: float = 1.0
     w_balance: float = 1.0
+    w_rank: float = 0.0
+    rank_margin: float = 0.01
     pos_margin: float = 0.25
     neg_margin: float = 0.45
     max_share: float = 0.5
@@ -153,6 +157,15 @@ class Batch:
     y: Tensor
     a: Tensor
     b: Tensor
+    right: Tensor | None = None
+    wrong: Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(self.x.to(device), self.y.to(device), self.a.to(device), self.b.to(device),
+                     mv(self.right), mv(self.wrong))  # fmt: skip
 
 
 def draw_batch(pool: SourcePool, cfg: RobustConfig, step: int) -> Batch:
@@ -164,11 +177,23 @@ def draw_batch(pool: SourcePool, cfg: RobustConfig, step: int) -> Batch:
     b = warp(src, geometric_thetas(len(idx), cfg, g), cfg.image_size)
     x = warp(src, patch_thetas(len(idx), cfg.patch, src.shape[-1], g), cfg.patch)
     rng = np.random.default_rng([cfg.seed, 31337, step])
-    ys = []
+    rng2 = np.random.default_rng([cfg.seed, 4711, step])  # 2AFC partners: a stream of their own
+    ys, rights, wrongs = [], [], []
     for i in range(len(x)):
         _, dist = distortions.sample(rng, (cfg.patch, cfg.patch), 0.3)
-        ys.append(dist(x[i], float(rng.uniform(0, 1))).clamp(0, 1))
-    return Batch(x=x, y=torch.stack(ys), a=a, b=b)
+        t = float(rng.uniform(0, 1))
+        ys.append(dist(x[i], t).clamp(0, 1))
+        if cfg.w_rank > 0:  # the same draw 0.3..: milder is "right" (objective 2AFC labels)
+            if t >= 0.5:
+                rights.append(dist(x[i], t - float(rng2.uniform(0.3, t))).clamp(0, 1))
+                wrongs.append(ys[-1])
+            else:
+                rights.append(ys[-1])
+                wrongs.append(dist(x[i], t + float(rng2.uniform(0.3, 1 - t))).clamp(0, 1))
+    batch = Batch(x=x, y=torch.stack(ys), a=a, b=b)
+    if rights:
+        batch.right, batch.wrong = torch.stack(rights), torch.stack(wrongs)
+    return batch
 
 
 # -- objective ---------------------------------------------------------------------------------
@@ -221,6 +246,28 @@ def adversarial_change(
     return distance_from_features(heads, fy, features(student, z.detach())).total
 
 
+def adversarial_rank(
+    student: LPIPS, batch: Batch, fx: list[Tensor], cfg: RobustConfig, g: torch.Generator
+) -> Tensor:
+    """``relu(d_S(x, right + δ*) − d_S(x, wrong) + rank_margin)`` ``[N]``: the 2AFC margin under
+    PGD on the closer candidate (the evaluation's attack), kept positive."""
+    assert batch.right is not None and batch.wrong is not None
+    heads = student.heads
+    fw = features(student, batch.wrong)
+    clean_x, clean_w = [t.detach() for t in fx], [t.detach() for t in fw]
+
+    def loss_fn(z: Tensor) -> Tensor:
+        d_r = distance_from_features(heads, clean_x, features(student, z)).total
+        return d_r - distance_from_features(heads, clean_x, clean_w).total
+
+    step = default_step_size("linf", cfg.epsilon, max(1, cfg.attack_steps))
+    z = pgd(loss_fn, batch.right, norm="linf", epsilon=cfg.epsilon,
+            steps=cfg.attack_steps, step_size=step, generator=g)  # fmt: skip
+    d_r = distance_from_features(heads, fx, features(student, z.detach())).total
+    d_w = distance_from_features(heads, fx, fw).total
+    return (d_r - d_w + cfg.rank_margin).clamp_min(0)
+
+
 def pair_distances(metric: LPIPS, fa: list[Tensor], fb: list[Tensor]) -> tuple[Tensor, Tensor]:
     """``(total [N], per_layer [N, L])``."""
     r = distance_from_features(metric.heads, fa, fb)
@@ -264,11 +311,17 @@ def robust_loss(
     adv = adversarial_change(student, batch.y, sy, cfg, g).mean()
     pos, neg = margin_terms(d_pos, d_neg, cfg.pos_margin, cfg.neg_margin)
     balance = balance_penalty(torch.cat([l_patch, l_pos]), cfg.max_share).mean()
+    rank = (
+        adversarial_rank(student, batch, sx, cfg, g).mean()
+        if cfg.w_rank > 0
+        else torch.zeros((), device=batch.x.device)
+    )
     total = (
         cfg.w_distill * distill
         + cfg.w_adv * adv
         + cfg.w_geo * (pos + neg)
         + cfg.w_balance * balance
+        + cfg.w_rank * rank
     )
     terms = {
         "loss": float(total.detach()),
@@ -277,6 +330,7 @@ def robust_loss(
         "geo_pos": float(pos.detach()),
         "geo_neg": float(neg.detach()),
         "balance": float(balance.detach()),
+        "rank": float(rank.detach()),
         "d_pos_max": float(d_pos.detach().max()),
         "d_neg_min": float(d_neg.detach().min()),
     }
