@@ -220,3 +220,15 @@ def test_rank_term_uses_objective_triplets_and_is_non_negative(
     assert terms["rank"] >= 0
     _, off = robust_loss(student, teacher, plain, SMALL, torch.Generator().manual_seed(0))
     assert off["rank"] == 0.0
+
+
+def test_store_holds_the_finetuned_model(store: ModelStore) -> None:
+    """The fine-tuned candidate loads from the store with its own trunk; the default is unchanged."""
+    name = "r-lpips-alex-tune-linf8"
+    assert store.manifest.default == "r-lpips-alex-linf-synth"
+    assert store.model(name).trunk.file == name != store.model("lpips-alex").trunk.file
+    model = store.load(name)
+    base = store.load("lpips-alex")
+    assert not torch.equal(model.trunk.features[0].weight, base.trunk.features[0].weight)
+    assert all(bool((w >= 0).all()) for w in model.heads.weights)
+    assert 0 < store.model(name).threshold < 1
