@@ -35,6 +35,7 @@ def robust_config(args: argparse.Namespace) -> RobustConfig:
         lr=args.lr, head_lr=args.head_lr, decay_from=args.decay_from, epsilon=args.epsilon,
         attack_steps=args.attack_steps, w_distill=args.w_distill, w_adv=args.w_adv,
         w_geo=args.w_geo, w_balance=args.w_balance, w_rank=args.w_rank,
+        w_adv_view=args.w_adv_view,
         rank_margin=args.rank_margin, pos_margin=args.pos_margin,
         neg_margin=args.neg_margin, max_share=args.max_share, crop=args.crop, rotate=args.rotate,
         shift=args.shift, flip=args.flip, seed=args.seed,
@@ -116,8 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="fraction of the steps after which the lr decays linearly to 0")  # fmt: skip
     p.add_argument("--epsilon", type=fraction, default=d.epsilon, help="L-inf radius (pixels)")
     p.add_argument("--attack-steps", type=int, default=d.attack_steps)
-    for name in ("distill", "adv", "geo", "balance", "rank"):
-        p.add_argument(f"--w-{name}", type=float, default=getattr(d, f"w_{name}"))
+    for name in ("distill", "adv", "geo", "balance", "rank", "adv_view"):
+        p.add_argument(f"--w-{name.replace('_', '-')}", type=float, default=getattr(d, f"w_{name}"))
     p.add_argument("--rank-margin", type=float, default=d.rank_margin)
     p.add_argument("--pos-margin", type=float, default=d.pos_margin)
     p.add_argument("--neg-margin", type=float, default=d.neg_margin)

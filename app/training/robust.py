@@ -20,7 +20,8 @@ Loss (all distances are the student's ``d_S`` unless marked ``d_T``, the frozen 
 - ``geo``: ``relu(d_S(a, g(a)) − pos_margin)² + relu(neg_margin − d_S(a_i, g(a_j)))²`` (means);
 - ``balance``: ``Σ_l relu(share_l − max_share)²`` averaged over pairs, ``share_l = d_l / d``;
 - ``rank`` (optional, ``w_rank``): objective 2AFC triplets ``(x, right, wrong)`` (the same distortion
-  draw at severities ≥ 0.3 apart) with PGD on ``right``: ``relu(d_S(x, right+δ*) − d_S(x, wrong) + m)``.
+  draw at severities ≥ 0.3 apart) with PGD on ``right``: ``relu(d_S(x, right+δ*) − d_S(x, wrong) + m)``;
+- ``adv_view`` (optional, ``w_adv_view``): the TRADES-like term on the whole-image views, ``d_S(a, a + δ*)``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class RobustConfig:
     w_geo: float = 1.0
     w_balance: float = 1.0
     w_rank: float = 0.0
+    w_adv_view: float = 0.0
     rank_margin: float = 0.01
     pos_margin: float = 0.25
     neg_margin: float = 0.45
@@ -311,6 +313,11 @@ def robust_loss(
     adv = adversarial_change(student, batch.y, sy, cfg, g).mean()
     pos, neg = margin_terms(d_pos, d_neg, cfg.pos_margin, cfg.neg_margin)
     balance = balance_penalty(torch.cat([l_patch, l_pos]), cfg.max_share).mean()
+    adv_view = (
+        adversarial_change(student, batch.a, sa, cfg, g).mean()
+        if cfg.w_adv_view > 0
+        else torch.zeros((), device=batch.x.device)
+    )
     rank = (
         adversarial_rank(student, batch, sx, cfg, g).mean()
         if cfg.w_rank > 0
@@ -322,6 +329,7 @@ def robust_loss(
         + cfg.w_geo * (pos + neg)
         + cfg.w_balance * balance
         + cfg.w_rank * rank
+        + cfg.w_adv_view * adv_view
     )
     terms = {
         "loss": float(total.detach()),
@@ -331,6 +339,7 @@ def robust_loss(
         "geo_neg": float(neg.detach()),
         "balance": float(balance.detach()),
         "rank": float(rank.detach()),
+        "adv_view": float(adv_view.detach()),
         "d_pos_max": float(d_pos.detach().max()),
         "d_neg_min": float(d_neg.detach().min()),
     }

@@ -232,3 +232,15 @@ def test_store_holds_the_finetuned_model(store: ModelStore) -> None:
     assert not torch.equal(model.trunk.features[0].weight, base.trunk.features[0].weight)
     assert all(bool((w >= 0).all()) for w in model.heads.weights)
     assert 0 < store.model(name).threshold < 1
+
+
+def test_view_adversarial_term_is_off_by_default_and_positive_when_on(
+    teacher: LPIPS, pool: SourcePool
+) -> None:
+    batch = draw_batch(pool, SMALL, 0)
+    student = make_student(teacher)
+    _, off = robust_loss(student, teacher, batch, SMALL, torch.Generator().manual_seed(0))
+    assert off["adv_view"] == 0.0
+    on = RobustConfig(**{**SMALL.__dict__, "w_adv_view": 1.0})
+    _, terms = robust_loss(student, teacher, batch, on, torch.Generator().manual_seed(0))
+    assert terms["adv_view"] > 0 and terms["loss"] > off["loss"]
