@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from app.cli import bank, cluster, experiments, robustness, serve, train
+from app.cli import bank, cluster, experiments, finetune, robustness, serve, train
 from app.cli.args import add_device_arg, resolution_arg
 from app.cli.remote import add_remote_args, cmd_remote_distance
 from app.config import Settings, pick_device
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     robustness.register(sub)
     bank.register(sub)
     train.register(sub)
+    finetune.register(sub)
     evaluate = sub.add_parser("evaluate", help="experiments and benchmarks of the metric")
     experiments.register(evaluate.add_subparsers(dest="evaluate_command", required=True))
     return parser
