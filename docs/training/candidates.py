@@ -65,10 +65,12 @@ def collect(reports: list[Path], vals: list[Path]) -> dict[str, dict[str, float 
 
 def plot(rows: dict[str, dict[str, float | None]], png: Path) -> None:
     x_key = "APGD-100x1 linf 8/255 on right"
-    panels = [("crop-20pct@fmr1e-5", "crop-20 % detected at FMR 1e-5 (eval)"),
-              ("spearman_lpips_alex", "Spearman with LPIPS-alex")]
+    panels = [
+        ("crop-20pct@fmr1e-5", "crop-20 % detected at FMR 1e-5 (eval)"),
+        ("spearman_lpips_alex", "Spearman with LPIPS-alex"),
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels, strict=True):
         for name, r in rows.items():
             x, y = r.get(x_key), r.get(key)
             if x is None or y is None:
