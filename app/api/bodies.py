@@ -17,6 +17,7 @@ from app.api.schemas import (
     RobustnessJSON,
     RobustnessOptions,
 )
+from app.attacks.robustness import MAX_SEED
 from app.metric.queries import INVARIANCES
 
 #: One example per error code that an operation can answer with: ``(message, field)``.
@@ -184,7 +185,7 @@ ROBUSTNESS_BODY: dict[str, Any] = {
                         ),
                         "random_start": _form_field("boolean", description=_R["random_start"]),
                         "seed": _form_field(
-                            "integer", minimum=0, exclusiveMaximum=2**63, description=_R["seed"]
+                            "integer", minimum=0, maximum=MAX_SEED, description=_R["seed"]
                         ),
                         "threshold": _form_field("number", minimum=0, description=_R["threshold"]),
                         "return_adversarial": _form_field(

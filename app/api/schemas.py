@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from app.attacks.robustness import DEFAULT_STEPS, AttackSpec, ModelResult
+from app.attacks.robustness import DEFAULT_STEPS, MAX_SEED, AttackSpec, ModelResult
 from app.config import comma_list
 from app.metric.queries import Invariance
 from app.metric.store import Calibration, ModelEntry
@@ -239,8 +239,10 @@ class RobustnessOptions(Invariant):
         "evade", description="evade: push a match apart; impersonate: pull a non-match together"
     )
     random_start: bool = Field(True, description="start from a random point of the ε-ball")
-    seed: Annotated[int, Field(ge=0, lt=2**63), BeforeValidator(_integral)] | None = Field(
-        None, description="random seed (a fixed seed repeats the attack); default: random"
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral)] | None = Field(
+        None,
+        description="random seed (a fixed seed repeats the attack); default: random. At most 2^53 - 1, "
+        "so that every JSON client reads and writes it exactly",
     )
     threshold: float | None = Field(
         None, ge=0, allow_inf_nan=False, description="default: each model's threshold"

@@ -54,6 +54,10 @@ class Target:
     threshold: float
 
 
+#: Seeds are JSON-safe integers (exact in a double): drawn below 2^53 and accepted up to 2^53 - 1.
+MAX_SEED = 2**53 - 1
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     """Attack parameters; ``None`` means the default (ε per norm, step size from ε and steps, a fresh
@@ -76,7 +80,7 @@ class AttackSpec:
         step = self.step_size
         if step is None:  # with ε (about) 0 any step is projected away: take one pixel level
             step = default_step_size(self.norm, eps, max(self.steps, 1)) or 1 / 255
-        seed = secrets.randbits(63) if self.seed is None else self.seed
+        seed = secrets.randbits(53) if self.seed is None else self.seed
         check_params(self.norm, eps, self.steps, step)
         return AttackSpec(self.norm, eps, self.steps, step, self.goal, self.random_start, seed)
 
