@@ -302,30 +302,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     levels = [(1, 4)] if dry else [(1, 16), (4, 64), (8, 256)]
     step("service", _service, env, dry, levels, 1.0 if dry else 12.0, out)
-    # the serving shape (issue 15): K replica processes sharing the device, clients spread over them
+    # the serving shape (issue 15): K replica processes sharing the device, clients spread over them;
+    # then the same with JPEGs decoded on the device in each micro-batch (nvJPEG; opt-in)
     shapes = (1, 2) if dry else (1, 4, 8)
-    step(
-        "replicas",
-        _replicas,
-        env,
-        dry,
-        shapes,
-        (2, 4) if dry else (8, 256),
-        1.0 if dry else 10.0,
-        out,
-    )
-    # the same with JPEGs decoded on the device in each micro-batch (nvJPEG; opt-in)
-    step(
-        "replicas_device_decode",
-        _replicas,
-        env,
-        dry,
-        shapes,
-        (2, 4) if dry else (8, 256),
-        1.0 if dry else 10.0,
-        out,
-        {"RLPIPS_DECODE_DEVICE": "device"},
-    )
+    level = (2, 4) if dry else (8, 256)
+    for name, extra in (
+        ("replicas", {}),
+        ("replicas_device_decode", {"RLPIPS_DECODE_DEVICE": "device"}),
+    ):
+        step(name, _replicas, env, dry, shapes, level, 1.0 if dry else 10.0, out, extra)
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
