@@ -12,7 +12,7 @@ import torch
 
 from app.evaluation.data import eval_files
 from app.metric.lpips import LPIPS, Heads
-from app.metric.store import ModelStore
+from app.metric.store import ModelStore, WeightsError
 from app.metric.trunks import TRUNK_SPECS, Trunk
 from app.training.datasets import source_files, split_sources
 from app.training.finetune import FineTuner, export, make_student
@@ -222,16 +222,22 @@ def test_rank_term_uses_objective_triplets_and_is_non_negative(
     assert off["rank"] == 0.0
 
 
-def test_store_holds_the_finetuned_model(store: ModelStore) -> None:
-    """The fine-tuned candidate loads from the store with its own trunk; the default is unchanged."""
+def test_store_lists_the_finetuned_model_without_committing_its_weights(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    """The fine-tuned candidate is in the manifest with its own trunk file and a hash; its 9.9 MB
+    weights are not in git, so a store without them refuses it, saying how to get them. The default
+    is unchanged."""
     name = "r-lpips-alex-tune-linf8"
     assert store.manifest.default == "r-lpips-alex-linf-synth"
     assert store.model(name).trunk.file == name != store.model("lpips-alex").trunk.file
-    model = store.load(name)
-    base = store.load("lpips-alex")
-    assert not torch.equal(model.trunk.features[0].weight, base.trunk.features[0].weight)
-    assert all(bool((w >= 0).all()) for w in model.heads.weights)
     assert 0 < store.model(name).threshold < 1
+    entry = store.manifest.files[name]
+    assert entry.url is None and any(d.kind == "sha256" for d in entry.digests)
+    assert not (store.root / entry.filename).exists()  # never committed beside the manifest
+    bare = ModelStore(store.root, cache_dir=tmp_path)
+    with pytest.raises(WeightsError, match="RLPIPS_WEIGHTS_DIR"):
+        bare.load(name)
 
 
 def test_view_adversarial_term_is_off_by_default_and_positive_when_on(
