@@ -18,11 +18,12 @@ from app.cli.args import add_device_arg, fraction
 from app.config import Settings, pick_device
 from app.evaluation import data as evaldata
 from app.evaluation import neardup
+from app.evaluation.calibration import calibrate
+from app.evaluation.scorers import LPIPSScorer
 from app.evaluation.suite import make_scorer
 from app.metric.store import BASELINE_MODEL
-from app.training.datasets import source_files, split_sources
 from app.training.finetune import FineTuner, export
-from app.training.robust import SPLIT_FRACTIONS, SPLIT_SEED, RobustConfig, SourcePool, train_sources
+from app.training.robust import RobustConfig, SourcePool, train_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "images" / "imagenet-sample"
@@ -72,24 +73,24 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_threshold(args: argparse.Namespace, settings: Settings) -> int:
-    """FMR-1e-5 threshold on val sources' unrelated crop views, and val detection at it."""
+    """The calibrated threshold (:func:`app.evaluation.calibration.calibrate`: FMR on the val sources'
+    unrelated views) of candidate models, and the val sources' detection of geometric edits at it."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    files = source_files(args.images_dir)
-    val = [files[i] for i in split_sources(len(files), SPLIT_SEED, SPLIT_FRACTIONS)["val"]]
-    views, groups = evaldata.crop_views(val, args.resolution, args.negative_views)
+    val = evaldata.calibration_files(args.images_dir)
     orig, edited, names = evaldata.edited_pairs(val, VAL_EDITS, args.resolution)
     report: dict[str, object] = {"command": "rlpips " + shlex.join(sys.argv[1:]),
                                  "val_sources": len(val), "resolution": args.resolution}  # fmt: skip
     for model in args.models:
         scorer = make_scorer(model, settings.store())
-        neg = neardup.negative_distances(scorer, views, groups)
-        thr = neardup.threshold_at_fmr(neg, args.fmr)
+        assert isinstance(scorer, LPIPSScorer)
+        cal = calibrate(scorer, args.images_dir, args.negative_views, args.resolution, args.fmr)
+        thr = cal["threshold"]
         pos = neardup.positive_distances(scorer, orig, edited)
         det = {e: float((pos[[k for k, n in enumerate(names) if n == e]] <= thr).double().mean())
                for e in VAL_EDITS}  # fmt: skip
-        report[model] = {"threshold": thr, "fmr": args.fmr, "n_negatives": len(neg),
-                         "min_negative": float(neg.min()), "detection": det}  # fmt: skip
+        report[model] = {"threshold": thr, "fmr": args.fmr, "n_negatives": cal["pairs"],
+                         "min_negative": cal["smallest_unrelated"][0], "detection": det}  # fmt: skip
         print(json.dumps({model: report[model]}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -320,6 +320,8 @@ class Runtime:
         JPEGs decoded on the device (a query whose image fails gets its error), then the engine."""
         if self.fault_hook is not None:
             self.fault_hook(queries)
+        if self.settings.decode_device != "device":  # every image decoded already
+            return list(self.engine(queries))
         pending = len({i.key for q in queries for i in (q.reference, *q.candidates) if i.jpeg})
         t0 = time.perf_counter()
         ready, errors = device_decode.decode_pending(
