@@ -168,8 +168,13 @@ class Settings(BaseSettings):
         description="replicas sharing data_dir: apply the others' bank changes this often "
         "(the staleness bound of a search on another replica); 0 = never",
     )
+    bank_embedding: Literal["projected", "cells"] = Field(
+        "projected",
+        description="new banks' lower-bound embedding: the model's fitted projection of mean-and-"
+        "spread statistics where the store has one (docs/BANK.md), else cell means at bank_grid",
+    )
     bank_grid: int = Field(
-        1, ge=1, le=8, description="grid of the banks' lower-bound embedding (cells per side)"
+        1, ge=1, le=8, description="grid of the cell-means embedding (cells per side)"
     )
     bank_max_items: int = Field(32, ge=1, description="items per POST /banks/{bank}/items")
     bank_max_checked: int = Field(

@@ -73,7 +73,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except Exception:  # the metric still serves; /banks answers 503 not_ready
             log.exception("cannot open the bank storage (%s in %s)", s.bank_engine, s.data_dir)
         else:
-            app.state.banks = BankService(runtime, storage, s.bank_grid)
+            app.state.banks = BankService(
+                runtime, storage, s.bank_grid, s.bank_embedding == "projected"
+            )
             follower = asyncio.create_task(app.state.banks.follow(s.bank_refresh_s))
             for name in storage.names():
                 info = storage.info(name)

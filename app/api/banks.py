@@ -75,6 +75,7 @@ def _bank(info: BankInfo) -> BankResponse:
         grid=s.grid,
         resolution=s.resolution,
         dimension=s.dim,
+        embedding=s.embedding,
         items=info.items,
         bytes=info.bytes,
     )

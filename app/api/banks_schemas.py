@@ -31,9 +31,12 @@ class BankResponse(BaseModel):
     name: str
     model: str
     threshold: float
-    grid: int = Field(description="cells per side of the lower-bound embedding's grid")
+    grid: int = Field(description="cells per side of a cells embedding's grid (0: projected)")
     resolution: int = Field(description="working resolution the items are stored at")
     dimension: int = Field(description="embedding length")
+    embedding: str = Field(
+        description="lower-bound embedding: cells, or projected:<projection digest>"
+    )
     items: int
     bytes: int = Field(description="stored bytes: embeddings + resized item images (PNG)")
 

@@ -18,7 +18,9 @@ Added = Literal["added", "replaced", "unchanged"]
 @dataclass(frozen=True)
 class BankSpec:
     """A bank's settings, fixed at creation: the model, the near-duplicate threshold, the embedding
-    grid, the working resolution its images were stored at, and the embedding length."""
+    grid, the working resolution its images were stored at, the embedding length, and which
+    embedding: ``cells`` (cell means at ``grid``) or ``projected:<digest>`` (the model's projection,
+    :mod:`app.bank.projection`; ``grid`` 0)."""
 
     name: str
     model: str
@@ -26,6 +28,7 @@ class BankSpec:
     grid: int
     resolution: int
     dim: int
+    embedding: str = "cells"
 
 
 @dataclass(frozen=True)

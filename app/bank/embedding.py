@@ -65,3 +65,50 @@ def embed(heads: Heads, features: Sequence[Tensor], grid: int) -> Tensor:
                 cell = g[:, :, r0:r1, c0:c1].mean(dim=(2, 3))
                 parts.append(cell * (area / (h * wd)) ** 0.5)
     return torch.cat(parts, dim=1).contiguous()
+
+
+# -- projected mean-and-spread statistics --------------------------------------------------------
+#
+# Within one cell ``k`` and channel ``c`` the positions' values split into their mean and the
+# residuals ``r``: ``Σ_{hw ∈ k} (g_x − g_y)² = A_k (μ_x − μ_y)² + ‖r_x − r_y‖²`` and, by the triangle
+# inequality, ``‖r_x − r_y‖ ≥ |‖r_x‖ − ‖r_y‖| = sqrt(A_k) |σ_x − σ_y|`` (σ: the population standard
+# deviation over the cell). So appending ``sqrt(A_k / H_l W_l) · σ`` to each cell mean keeps the lower
+# bound and tightens it: a channel's spatial spread (edge energy, for conv1) differs between unrelated
+# images even where its mean does not. Any matrix with orthonormal rows ``P`` (``‖P v‖ ≤ ‖v‖``) then
+# gives a shorter vector whose squared distance is still a lower bound; :mod:`app.bank.projection` fits
+# ``P`` by PCA so that the few kept directions carry most of the statistics' spread.
+
+
+def statistics(heads: Heads, features: Sequence[Tensor], grids: Sequence[int]) -> Tensor:
+    """``[N, D]`` float32: per layer ``l`` (grid ``grids[l]``), per cell, ``sqrt(A_k / H_l W_l)`` times
+    the per-channel mean and then the per-channel standard deviation of ``sqrt(w_l) ⊙ f̂``;
+    ``‖s_x − s_y‖² ≤ d(x, y)`` (features as for :func:`embed`)."""
+    if len(grids) != len(heads.channels) or min(grids) < 1:
+        raise ValueError(f"need one grid >= 1 per layer ({len(heads.channels)}), got {grids}")
+    parts: list[Tensor] = []
+    for f, w, grid in zip(features, heads.weights, grids, strict=True):
+        g = f.float() * w.detach().float().sqrt()
+        h, wd = int(g.shape[2]), int(g.shape[3])
+        means, spreads = [], []
+        for r0, r1 in _cells(h, grid):
+            for c0, c1 in _cells(wd, grid):
+                scale = ((r1 - r0) * (c1 - c0) / (h * wd)) ** 0.5
+                cell = g[:, :, r0:r1, c0:c1].flatten(2)  # [N, C, A_k]
+                means.append(cell.mean(2) * scale)
+                spreads.append(cell.std(2, correction=0) * scale)
+        parts += means + spreads
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def project(
+    basis: Tensor, heads: Heads, features: Sequence[Tensor], grids: Sequence[int]
+) -> Tensor:
+    """``[N, k]`` float32: :func:`statistics` projected on ``basis`` ``[k, D]`` (orthonormal rows), a
+    lower-bound embedding like :func:`embed`."""
+    s = statistics(heads, features, grids)
+    if s.shape[1] != basis.shape[1]:
+        raise ValueError(
+            f"statistics have {s.shape[1]} values, the projection expects {basis.shape[1]}: "
+            "feature maps smaller than its grids (working resolution too low)"
+        )
+    return (s @ basis.to(s.device).T).contiguous()

@@ -37,6 +37,7 @@ from app.bank.base import (
     Vectors,
 )
 from app.bank.embedding import embed, radius
+from app.bank.projection import Projection, load
 from app.imaging import load_tensor, tensor_to_png
 from app.metric.queries import Image, Query, content_key, mirror
 from app.serving.runtime import Runtime
@@ -79,10 +80,14 @@ class SearchResult:
 class BankService:
     """Banks on ``storage``, computed with ``runtime``'s engine at its working resolution."""
 
-    def __init__(self, runtime: Runtime, storage: BankStorage, grid: int) -> None:
+    def __init__(
+        self, runtime: Runtime, storage: BankStorage, grid: int, projected: bool = True
+    ) -> None:
         self.rt = runtime
         self.storage = storage
         self.grid = grid
+        self.projected = projected  # new banks use their model's projection when it has one
+        self._projections: dict[str, Projection | None] = {}
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -94,19 +99,43 @@ class BankService:
         info = self.storage.info(name)
         if info is None:
             raise BankNotFound(name)
-        if info.spec.resolution != self.rt.resolution:
+        spec = info.spec
+        if spec.resolution != self.rt.resolution:
             raise BankConflict(
-                f"bank {name!r} was built at resolution {info.spec.resolution}; this service "
+                f"bank {name!r} was built at resolution {spec.resolution}; this service "
                 f"works at {self.rt.resolution}"
             )
-        return info.spec
+        if spec.embedding != "cells" and spec.embedding != self._embedding_of(spec.model):
+            raise BankConflict(
+                f"bank {name!r} was built with embedding {spec.embedding!r}; this service embeds "
+                f"{spec.model!r} as {self._embedding_of(spec.model)!r}: re-create the bank"
+            )
+        return spec
 
-    def _embed(self, model: str, grid: int, images: Sequence[Image], cache: bool) -> Vectors:
-        """Device thread: embeddings ``[N, D]`` float32 (host) of ``images``."""
+    def projection(self, model: str) -> Projection | None:
+        """``model``'s bank projection from the store (loaded once), or ``None`` without one."""
+        if model not in self._projections:
+            file_id = self.rt.store.model(model).bank_projection
+            self._projections[model] = load(self.rt.store.resolve(file_id)) if file_id else None
+        return self._projections[model]
+
+    def _embedding_of(self, model: str) -> str:
+        """The embedding a new bank of ``model`` gets."""
+        p = self.projection(model) if self.projected else None
+        return "cells" if p is None else p.key
+
+    def _embed(self, spec: BankSpec, images: Sequence[Image], cache: bool) -> Vectors:
+        """Device thread: ``spec``'s embeddings ``[N, D]`` float32 (host) of ``images``."""
         engine = self.rt.engine
-        feats = engine.image_features(model, images, cache=cache)
+        feats = engine.image_features(spec.model, images, cache=cache)
+        heads = engine.heads[spec.model]
         with torch.inference_mode():
-            e = embed(engine.heads[model], feats, grid)
+            if spec.embedding == "cells":
+                e = embed(heads, feats, spec.grid)
+            else:
+                p = self.projection(spec.model)
+                assert p is not None and p.key == spec.embedding  # checked by :meth:`spec`
+                e = p.embed(heads, feats)
         return np.ascontiguousarray(e.cpu().numpy(), dtype=np.float32)
 
     async def follow(self, every_s: float) -> None:
@@ -132,11 +161,12 @@ class BankService:
         settings is answered as it is (``created`` false), with others :class:`BankConflict`."""
         thr = self.rt.threshold(model) if threshold is None else threshold
         r = self.rt.resolution
+        kind = await asyncio.to_thread(self._embedding_of, model)
+        grid = self.grid if kind == "cells" else 0
         probe = Image(torch.zeros(3, r, r), "bank-dimension-probe")
-        dim = int(
-            (await self._device(lambda: self._embed(model, self.grid, [probe], False))).shape[1]
-        )
-        spec = BankSpec(name, model, float(thr), self.grid, r, dim)
+        draft = BankSpec(name, model, float(thr), grid, r, 0, kind)
+        dim = int((await self._device(lambda: self._embed(draft, [probe], False))).shape[1])
+        spec = BankSpec(name, model, float(thr), grid, r, dim, kind)
         have, created = await asyncio.to_thread(self.storage.create, spec)
         if not created and (have.model, have.threshold) != (spec.model, spec.threshold):
             raise BankConflict(
@@ -164,9 +194,7 @@ class BankService:
         """Store decoded ``images`` under ``ids`` (acknowledged once committed); per-stage ms."""
         spec = self.spec(name)
         t0 = time.perf_counter()
-        vecs = await self._device(
-            lambda: self._embed(spec.model, spec.grid, images, False), lane="step"
-        )
+        vecs = await self._device(lambda: self._embed(spec, images, False), lane="step")
         t1 = time.perf_counter()
 
         def store() -> list[Added]:
@@ -208,7 +236,7 @@ class BankService:
         thr = spec.threshold if threshold is None else threshold
         variants = [query, mirror(query)] if mirrored else [query]
         t0 = time.perf_counter()
-        vecs = await self._device(lambda: self._embed(spec.model, spec.grid, variants, True))
+        vecs = await self._device(lambda: self._embed(spec, variants, True))
         t1 = time.perf_counter()
         count, found = await asyncio.to_thread(
             self.storage.candidates, name, vecs, radius(thr), max_checked

@@ -7,7 +7,8 @@ row number, rebuilt from SQLite when the store opens; the index is changed only 
 under a lock (searches take the same lock only for the range search itself, so an insert never waits
 for a search's exact stage, and readers on their own SQLite connections never wait for writers).
 
-Per item: the embedding (``4·D`` bytes; D = 1,152 for AlexNet at grid 1) and the item as the service
+Per item: the embedding (``4·D`` bytes; D = 256 with the default model's projection, 1,152 for
+AlexNet cell means at grid 1) and the item as the service
 decoded and resized it, as a lossless 8-bit PNG (the exact stage re-runs the trunk on it: bit-equal
 input to what ``/distance`` computes from the original upload).
 """
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS banks (
     name TEXT PRIMARY KEY, model TEXT NOT NULL, threshold REAL NOT NULL, grid INTEGER NOT NULL,
-    resolution INTEGER NOT NULL, dim INTEGER NOT NULL, created REAL NOT NULL);
+    resolution INTEGER NOT NULL, dim INTEGER NOT NULL, created REAL NOT NULL,
+    embedding TEXT NOT NULL DEFAULT 'cells');
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, bank TEXT NOT NULL, id TEXT NOT NULL,
     digest TEXT NOT NULL, embedding BLOB NOT NULL, added REAL NOT NULL, UNIQUE (bank, id));
@@ -53,6 +55,7 @@ class SqliteFaissStorage:
         self._index_lock = threading.Lock()  # FAISS indexes and the live maps
         self._conns: list[sqlite3.Connection] = []
         self._db().executescript(SCHEMA)
+        _migrate(self._db())
         t0 = time.perf_counter()
         (cursor,) = self._db().execute("SELECT coalesce(max(n), 0) FROM changes").fetchone()
         self._cursor = int(cursor)  # the change log read so far (replicas: :meth:`refresh`)
@@ -103,7 +106,7 @@ class SqliteFaissStorage:
 
     def _specs(self) -> list[BankSpec]:
         rows = self._db().execute(
-            "SELECT name, model, threshold, grid, resolution, dim FROM banks ORDER BY name"
+            "SELECT name, model, threshold, grid, resolution, dim, embedding FROM banks ORDER BY name"
         )
         return [BankSpec(*r) for r in rows]
 
@@ -147,7 +150,8 @@ class SqliteFaissStorage:
                 return live.spec, False
             with self._conn() as db:
                 db.execute(
-                    "INSERT INTO banks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO banks (name, model, threshold, grid, resolution, dim, created, "
+                    "embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         spec.name,
                         spec.model,
@@ -156,6 +160,7 @@ class SqliteFaissStorage:
                         spec.resolution,
                         spec.dim,
                         time.time(),
+                        spec.embedding,
                     ),
                 )
                 _log(db, spec.name, None, "create")
@@ -371,6 +376,13 @@ class SqliteFaissStorage:
             )
             out.update({r[0]: r[1] for r in rows})
         return out
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Files written before banks had an ``embedding`` column: their banks are ``cells`` banks."""
+    if "embedding" not in {r[1] for r in db.execute("PRAGMA table_info(banks)")}:
+        db.execute("ALTER TABLE banks ADD COLUMN embedding TEXT NOT NULL DEFAULT 'cells'")
+        db.commit()
 
 
 def _log(db: sqlite3.Connection, bank: str, seq: int | None, kind: str) -> None:

@@ -101,6 +101,46 @@ def cmd_thresholds(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bank_projection(args: argparse.Namespace, settings: Settings) -> int:
+    """Fit a model's bank projection on the training split (docs/BANK.md) and store it."""
+    from app.bank.projection import ALEX_GRIDS, fit_model, load, save
+    from app.evaluation.data import training_files
+    from app.metric.engine import Engine
+    from app.metric.store import file_hashes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = settings.store()
+    engine = Engine(store, [args.model], torch.device("cpu"), args.resolution)
+    engine.load()
+    files = training_files(Path(args.images))
+    basis = fit_model(engine, args.model, files, args.components, ALEX_GRIDS)
+    out = store.root / f"{args.model}.bank-projection.safetensors"
+    note = (
+        f"{_command()}: {len(files)} training-split images at {args.resolution}x{args.resolution}"
+    )
+    save(out, basis, ALEX_GRIDS, note)
+    proj = load(out)
+    print(f"wrote {out}: basis {tuple(proj.basis.shape)}, grids {proj.grids}", file=sys.stderr)
+    if args.write_manifest:
+        path = store.root / "manifest.json"
+        manifest = json.loads(path.read_text())
+        sha, _ = file_hashes(out)
+        file_id = out.name.removesuffix(".safetensors")
+        manifest["files"][file_id] = {
+            "filename": out.name,
+            "aliases": [],
+            "url": None,
+            "digests": [{"kind": "sha256", "value": sha, "note": "committed in model_store/"}],
+            "license": manifest["files"][store.model(args.model).heads]["license"],
+            "size": out.stat().st_size,
+            "description": f"bank projection of {args.model} ({note}); docs/BANK.md",
+        }
+        manifest["models"][args.model]["bank_projection"] = file_id
+        path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
 def cmd_2afc(args: argparse.Namespace, settings: Settings) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,6 +217,22 @@ def _register_thresholds(evaluate_sub: argparse._SubParsersAction) -> None:  # t
     p.set_defaults(func=cmd_thresholds)
 
 
+def _register_bank_projection(evaluate_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = evaluate_sub.add_parser(
+        "bank-projection",
+        help="fit a model's bank embedding (PCA of its lower-bound statistics) on training images",
+    )
+    p.add_argument("model", help="store model name")
+    p.add_argument("--images", default="../shared/images/imagenet-sample")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--components", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument(
+        "--write-manifest", action="store_true", help="name the file in the model's store entry"
+    )
+    p.set_defaults(func=cmd_bank_projection)
+
+
 def _register_2afc(evaluate_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e = evaluate_sub.add_parser("2afc", help="clean and adversarial 2AFC accuracy of models")
     add_data_args(e)
@@ -200,5 +256,6 @@ def register(evaluate_sub: argparse._SubParsersAction) -> None:  # type: ignore[
     """Add every ``evaluate`` subcommand."""
     _register_imagenet_attack(evaluate_sub)
     _register_thresholds(evaluate_sub)
+    _register_bank_projection(evaluate_sub)
     _register_2afc(evaluate_sub)
     evaluation.register(evaluate_sub)

@@ -104,6 +104,9 @@ class ModelEntry(BaseModel):
     threshold: float = Field(ge=0)
     calibration: Calibration | None = None
     card: str
+    bank_projection: str | None = Field(
+        None, description="file of the bank embedding's projection (app.bank.projection)"
+    )
 
 
 class Manifest(BaseModel):
@@ -118,7 +121,7 @@ class Manifest(BaseModel):
         if self.default not in self.models:
             raise ValueError(f"default model {self.default!r} is not in models")
         for name, m in self.models.items():
-            for ref in (m.trunk.file, m.heads):
+            for ref in (m.trunk.file, m.heads, *filter(None, [m.bank_projection])):
                 if ref not in self.files:
                     raise ValueError(f"model {name!r} names unknown file {ref!r}")
         return self
