@@ -4,11 +4,12 @@ search.
 Adding: decode + resize (decode pool) → features and embeddings (device thread, step lane, so
 distance batches go first) → lossless PNG of the resized image + one SQLite transaction (a worker
 thread) → the in-memory index. Searching: decode → query features (device thread; cached as a
-reference) → range search with radius = threshold in the lower-bound embedding (:mod:`.embedding`:
-no true match is dismissed) → the survivors with the lowest bounds, at most ``max_checked``, get the
-exact distance through :meth:`Engine.compute`, the code path of ``/distance`` (query = reference,
-items = candidates). ``complete`` says every survivor was checked, i.e. the answer is exactly the
-brute-force one.
+reference) → range search with radius = threshold in the lower-bound embedding (:mod:`.embedding`,
+:mod:`.projection`: no true match is dismissed) → the survivors with the lowest bounds, at most
+``max_checked``, are checked exactly: their trunk passes stop at the first layer whose partial
+distance exceeds the threshold (:mod:`.exact`), and the rest get their distance through
+:meth:`Engine.compute`, the code path of ``/distance`` (query = reference, items = candidates).
+``complete`` says every survivor was checked, i.e. the answer is exactly the brute-force one.
 
 Mirror option: the query and its left-right mirror both search, and an item's distance is
 ``min(d(q, item), d(flip q, item))`` — by the symmetry of LPIPS, what ``/distance`` answers with the
@@ -37,6 +38,7 @@ from app.bank.base import (
     Vectors,
 )
 from app.bank.embedding import embed, radius
+from app.bank.exact import possible_matches
 from app.bank.projection import Projection, load
 from app.imaging import load_tensor, tensor_to_png
 from app.metric.queries import Image, Query, content_key, mirror
@@ -126,6 +128,12 @@ class BankService:
 
     def _embed(self, spec: BankSpec, images: Sequence[Image], cache: bool) -> Vectors:
         """Device thread: ``spec``'s embeddings ``[N, D]`` float32 (host) of ``images``."""
+        return self._embed_features(spec, images, cache)[0]
+
+    def _embed_features(
+        self, spec: BankSpec, images: Sequence[Image], cache: bool
+    ) -> tuple[Vectors, list[torch.Tensor]]:
+        """Device thread: embeddings (as :meth:`_embed`) and the normalised features (on the device)."""
         engine = self.rt.engine
         feats = engine.image_features(spec.model, images, cache=cache)
         heads = engine.heads[spec.model]
@@ -136,7 +144,7 @@ class BankService:
                 p = self.projection(spec.model)
                 assert p is not None and p.key == spec.embedding  # checked by :meth:`spec`
                 e = p.embed(heads, feats)
-        return np.ascontiguousarray(e.cpu().numpy(), dtype=np.float32)
+        return np.ascontiguousarray(e.cpu().numpy(), dtype=np.float32), feats
 
     async def follow(self, every_s: float) -> None:
         """Replicas sharing one SQLite file: apply the other processes' changes to this process's
@@ -236,7 +244,7 @@ class BankService:
         thr = spec.threshold if threshold is None else threshold
         variants = [query, mirror(query)] if mirrored else [query]
         t0 = time.perf_counter()
-        vecs = await self._device(lambda: self._embed(spec, variants, True))
+        vecs, feats = await self._device(lambda: self._embed_features(spec, variants, True))
         t1 = time.perf_counter()
         count, found = await asyncio.to_thread(
             self.storage.candidates, name, vecs, radius(thr), max_checked
@@ -254,7 +262,8 @@ class BankService:
         )
         kept = [i for i in chosen if i in pngs]
         t2 = time.perf_counter()
-        dist = await self._device(lambda: self._exact(spec.model, variants, items))
+        qf = [[f[v : v + 1] for f in feats] for v in range(len(variants))]
+        dist = await self._device(lambda: self._exact(spec.model, variants, qf, items, thr))
         t3 = time.perf_counter()
         matches = []
         for item_id, (d, m) in zip(kept, dist, strict=True):
@@ -270,16 +279,28 @@ class BankService:
         return SearchResult(matches[:limit], count, len(kept), thr, timing)
 
     def _exact(
-        self, model: str, variants: list[Image], items: list[Image]
+        self,
+        model: str,
+        variants: list[Image],
+        features: list[list[torch.Tensor]],
+        items: list[Image],
+        threshold: float,
     ) -> list[tuple[float, bool]]:
         """Device thread: per item ``(distance, mirrored)``: the smallest over the query variants,
-        each computed as ``/distance`` computes a pair (query as reference, items as candidates)."""
-        out: list[tuple[float, bool]] = []
+        each computed as ``/distance`` computes a pair (query as reference, items as candidates),
+        for the items that may be within ``threshold`` (:mod:`.exact`); the others ``(inf, False)``
+        (their distance is above the threshold, pruned layer by layer)."""
+        out: list[tuple[float, bool]] = [(float("inf"), False)] * len(items)
         for s in range(0, len(items), EXACT_CHUNK):
-            chunk = tuple(items[s : s + EXACT_CHUNK])
-            answers = self.rt.engine.compute([Query(model, v, chunk) for v in variants])
-            for k in range(len(chunk)):
-                ds = [a.distances[k] for a in answers]
+            chunk = items[s : s + EXACT_CHUNK]
+            tensors = [i.tensor for i in chunk]
+            keep = possible_matches(self.rt.engine, model, features, tensors, threshold).tolist()
+            if not keep:
+                continue
+            kept = tuple(chunk[k] for k in keep)
+            answers = self.rt.engine.compute([Query(model, v, kept) for v in variants])
+            for j, k in enumerate(keep):
+                ds = [a.distances[j] for a in answers]
                 best = int(np.argmin(ds))
-                out.append((float(ds[best]), best == 1))
+                out[s + k] = (float(ds[best]), best == 1)
         return out

@@ -7,6 +7,7 @@ torchvision's ``features.N.*`` names, so torchvision state dicts load unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -101,6 +102,25 @@ class Trunk(nn.Module):
             if i in taps:
                 out.append(h)
         return out
+
+    def forward_pruned(self, x: Tensor, keep: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """Run ``x`` ``[N, 3, H, W]`` (in ``[-1, 1]``) tap by tap, dropping rows on the way: after tap
+        ``l`` (raw feature map ``[n, C_l, H_l, W_l]`` of the ``n`` rows still running),
+        ``keep(l, tap)`` answers a bool mask ``[n]`` of the rows to continue. Returns the indices
+        ``[m]`` (into ``x``) of the rows kept after every tap."""
+        h = (x - self.shift) / self.scale
+        alive = torch.arange(x.shape[0], device=x.device)
+        taps = set(self.spec.taps)
+        tap = 0
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in taps:
+                mask = keep(tap, h)
+                tap += 1
+                alive, h = alive[mask], h[mask]
+                if not len(alive):
+                    break
+        return alive
 
 
 def build_trunk(arch: TrunkArch, state: dict[str, Tensor]) -> Trunk:
