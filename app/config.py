@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     )
     bank_max_items: int = Field(32, ge=1, description="items per POST /banks/{bank}/items")
     bank_max_checked: int = Field(
-        8,
+        24,
         ge=1,
         description="default cap on items whose exact distance one search computes (lowest "
         "lower bounds first); a search over more survivors says complete=false",
