@@ -29,8 +29,8 @@ from app.metric.store import file_hashes
 log = logging.getLogger(__name__)
 
 #: Per-layer grids of the AlexNet statistics: conv1 carries most of R-LPIPS's weight and gains most
-#: from a finer grid (docs/BANK.md, "Choosing the embedding").
-ALEX_GRIDS = (4, 2, 1, 1, 1)
+#: from a finer grid (docs/BANK.md, "Means and spreads"; 9,856 statistics).
+ALEX_GRIDS = (6, 3, 1, 1, 1)
 
 
 @dataclass(frozen=True)
