@@ -179,6 +179,18 @@ def _metric_side(
         "embeddings": {},
         "copies": {},
     }
+    # the exact stage's pruning: the partial distance after each layer (a lower bound of the distance)
+    cum = np.zeros_like(true)
+    start, pruned, medians = 0, [], []
+    for f in feats:
+        width = f[0].numel()
+        layer = _squared(flat[:, start : start + width]).double().numpy()[iu]
+        start += width
+        cum += layer
+        medians.append(float(np.median(layer)))
+        pruned.append(float((cum > thr).mean()))
+    out["unrelated_per_layer_distance_median"] = medians
+    out["exact_stage_pruned_after_layer"] = pruned
     embedders = _embedders(heads, projection)
     embs, unrelated = {}, {}
     for name, fn in embedders.items():
@@ -367,6 +379,13 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {n} | {e['dimension']} | {100 * e['survive_range_search']:.1f} % | "
                 f"{e['bound_over_distance_median']:.2f} |"
             )
+        shares = ", ".join(f"{100 * v:.2f} %" for v in m["exact_stage_pruned_after_layer"])
+        lines += [
+            "",
+            f"Exact stage: unrelated pairs whose partial distance exceeds the threshold after layers "
+            f"1-5: {shares} (per-layer median distances "
+            f"{', '.join(f'{v:.4f}' for v in m['unrelated_per_layer_distance_median'])}).",
+        ]
     return "\n".join(lines) + "\n"
 
 

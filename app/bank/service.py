@@ -50,8 +50,7 @@ R = TypeVar("R")
 
 #: Items per exact-stage engine call (one trunk pass for each).
 EXACT_CHUNK = 64
-#: Items per pruned pass (:mod:`.exact`): larger batches of 256² conv1 maps fall out of the CPU's
-#: caches (measured: 64 items cost 204 ms at once, 133 ms in fours of 16).
+#: Items per pruned pass (:mod:`.exact`): small batches keep 256² conv1 maps in the CPU's caches.
 PRUNE_CHUNK = 16
 #: Stored item images per decode task (several tasks run on the decode pool at once).
 LOAD_CHUNK = 8
