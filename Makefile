@@ -6,10 +6,12 @@ ifneq ($(wildcard $(SHARED_WEIGHTS)),)
 export RLPIPS_WEIGHTS_DIR := $(SHARED_WEIGHTS)
 endif
 endif
+SHARED_IMAGES := $(abspath ../shared/images/imagenet-sample)
+PROJECTION := model_store/files/r-lpips-alex-linf-synth.bank-projection.safetensors
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check screenshot lock
+.PHONY: venv test lint fmt serve bench clean gpu-bundle gpu-check screenshot lock projection
 
 .venv/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,6 +21,14 @@ PORT ?= 8000
 	touch $@
 
 venv: .venv/.installed
+
+# the default model's bank projection (docs/BANK.md): 5 MB fitted from ../shared's training images
+# (~30 s, bit-identical on this machine type; the manifest pins its sha256), kept out of git
+projection: venv
+	@if [ -f $(PROJECTION) ]; then :; \
+	elif [ -d $(SHARED_IMAGES) ]; then \
+	  .venv/bin/rlpips evaluate bank-projection r-lpips-alex-linf-synth --images $(SHARED_IMAGES) --threads 2; \
+	else echo "no $(SHARED_IMAGES): new banks use cell means (docs/BANK.md)"; fi
 
 lint: venv
 	.venv/bin/ruff check app tests benchmarks clients
@@ -30,7 +40,7 @@ fmt: venv
 	.venv/bin/ruff format app tests benchmarks clients
 	.venv/bin/ruff check --fix app tests benchmarks clients
 
-test: lint
+test: lint projection
 	$(PY) -m pytest -q
 
 # constraints.txt (the Docker images' pinned runtime dependencies) from .venv's resolved versions:
@@ -38,7 +48,7 @@ test: lint
 lock: venv
 	$(PY) deploy/lock.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
-serve: venv
+serve: venv projection
 	.venv/bin/rlpips serve --host $(HOST) --port $(PORT)
 
 # the README's picture of /ui, taken by the browser test (needs Debian's chromium)

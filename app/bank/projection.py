@@ -96,7 +96,8 @@ def save(path: Path, basis: Tensor, grids: Sequence[int], note: str) -> None:
     save_file(
         {"basis": basis.half().contiguous(), "grids": torch.tensor(list(grids), dtype=torch.int64)},
         str(path),
-        metadata={"format": "rlpips-bank-projection-1", "note": note},
+        # one entry: safetensors writes a metadata map in no fixed order, and the bytes must repeat
+        metadata={"rlpips-bank-projection-1": note},
     )
 
 

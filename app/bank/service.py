@@ -43,6 +43,7 @@ from app.bank.exact import possible_matches
 from app.bank.projection import Projection, load
 from app.imaging import load_tensor, tensor_to_png
 from app.metric.queries import Image, Query, content_key, mirror
+from app.metric.store import WeightsError
 from app.serving.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,12 @@ class BankService:
         """``model``'s bank projection from the store (loaded once), or ``None`` without one."""
         if model not in self._projections:
             file_id = self.rt.store.model(model).bank_projection
-            self._projections[model] = load(self.rt.store.resolve(file_id)) if file_id else None
+            try:
+                self._projections[model] = load(self.rt.store.resolve(file_id)) if file_id else None
+            except WeightsError as exc:  # not fitted here (`make projection`): cell means
+                log.warning("bank projection of %s unavailable, new banks use cell means: %s",
+                            model, exc)  # fmt: skip
+                self._projections[model] = None
         return self._projections[model]
 
     def _embedding_of(self, model: str) -> str:

@@ -101,6 +101,12 @@ def cmd_thresholds(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+PROJECTION_NOTE = (
+    "fitted by this project; not committed: `make projection` (or the command in the description) "
+    "reproduces it into model_store/files/ from ../shared/images (docs/BANK.md)"
+)
+
+
 def cmd_bank_projection(args: argparse.Namespace, settings: Settings) -> int:
     """Fit a model's bank projection on the training split (docs/BANK.md) and store it."""
     from app.bank.projection import ALEX_GRIDS, fit_model, load, save
@@ -115,9 +121,14 @@ def cmd_bank_projection(args: argparse.Namespace, settings: Settings) -> int:
     engine.load()
     files = training_files(Path(args.images))
     basis = fit_model(engine, args.model, files, args.components, ALEX_GRIDS)
-    out = store.root / f"{args.model}.bank-projection.safetensors"
+    store.cache_dir.mkdir(
+        parents=True, exist_ok=True
+    )  # git-ignored: the file is reproduced, not kept
+    out = store.cache_dir / f"{args.model}.bank-projection.safetensors"
+    # no command line in the file: the same fit must give the same bytes (the manifest pins them)
     note = (
-        f"{_command()}: {len(files)} training-split images at {args.resolution}x{args.resolution}"
+        f"rlpips evaluate bank-projection {args.model} --resolution {args.resolution} "
+        f"--components {args.components}: {len(files)} training-split images"
     )
     save(out, basis, ALEX_GRIDS, note)
     proj = load(out)
@@ -131,7 +142,7 @@ def cmd_bank_projection(args: argparse.Namespace, settings: Settings) -> int:
             "filename": out.name,
             "aliases": [],
             "url": None,
-            "digests": [{"kind": "sha256", "value": sha, "note": "committed in model_store/"}],
+            "digests": [{"kind": "sha256", "value": sha, "note": PROJECTION_NOTE}],
             "license": manifest["files"][store.model(args.model).heads]["license"],
             "size": out.stat().st_size,
             "description": f"bank projection of {args.model} ({note}); docs/BANK.md",

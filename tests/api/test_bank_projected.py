@@ -11,6 +11,7 @@ from app.bank.projection import Projection
 from app.config import Settings
 from tests.api.test_banks_api import add_json, b64, brute_force, variant
 from tests.support.apiutil import jpegs, serve, settings
+from tests.support.tools import shipped_projection
 
 MODEL = "r-lpips-alex-linf-synth"
 
@@ -22,6 +23,7 @@ def robust(weights_dir: Path, data_dir: Path, **kw: object) -> Settings:
 async def test_projected_bank_is_exact_and_refuses_another_projection(
     weights_dir: Path, tmp_path: Path
 ) -> None:
+    shipped_projection()  # fitted by `make test`
     pool = jpegs(16, start=500)
     items = {f"img{i}": d for i, d in enumerate(pool[:12])}
     for i in range(3):
@@ -71,8 +73,24 @@ async def test_cells_setting_and_reopened_bank_keep_their_embedding(
         assert (info["embedding"], info["grid"], info["dimension"]) == ("cells", 2, 4608)
         assert (await add_json(client, "c", {"x": img})).status_code == 200
     # reopened by a service whose new banks are projected: the old bank stays a cells bank
+    shipped_projection()
     async with serve(robust(weights_dir, tmp_path)) as (client, _):
         assert (await client.get("/banks/c")).json()["embedding"] == "cells"
         r = await client.post("/banks/c/search", json={"image": b64(img)})
         assert r.json()["matches"][0]["id"] == "x"
         assert (await client.put("/banks/d")).json()["embedding"].startswith("projected:")
+
+
+async def test_without_the_projection_file_new_banks_use_cell_means(
+    weights_dir: Path, tmp_path: Path
+) -> None:
+    """A store whose projection file is not there (not fitted: no `make projection`): the service
+    still works, new banks of the default model get cell means."""
+    img = jpegs(1, start=620)[0]
+    s = robust(weights_dir, tmp_path / "data", cache_dir=tmp_path / "empty-cache")
+    async with serve(s) as (client, _):
+        info = (await client.put("/banks/k")).json()
+        assert (info["embedding"], info["grid"], info["dimension"]) == ("cells", 1, 1152)
+        assert (await add_json(client, "k", {"x": img})).status_code == 200
+        r = await client.post("/banks/k/search", json={"image": b64(img)})
+        assert r.json()["matches"][0]["id"] == "x"

@@ -1,5 +1,5 @@
-"""System tools some tests need (``.ci/run`` installs them): found, or the test fails under ``CI=true``
-and skips elsewhere (with the reason)."""
+"""System tools and generated files some tests need (``.ci/run`` installs them, ``make test`` fits the
+bank projection): found, or the test fails under ``CI=true`` and skips elsewhere (with the reason)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from app.bank.projection import Projection, load
+from app.metric.store import ModelStore
 
 DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
 
@@ -28,3 +31,15 @@ def system_tool(name: str, package: str) -> str:
     if found is None:
         missing(f"{name} is not installed (Debian package {package}; .ci/run installs it)")
     return found
+
+
+def shipped_projection(model: str = "r-lpips-alex-linf-synth") -> Projection:
+    """``model``'s bank projection in the repository's store (``make projection`` fits it into
+    model_store/files/, outside git)."""
+    store = ModelStore()
+    file_id = store.model(model).bank_projection
+    assert file_id is not None
+    status = store.status(file_id)
+    if status.path is None:
+        missing(f"the bank projection is not fitted ({status.problem}): run `make projection`")
+    return load(status.path)

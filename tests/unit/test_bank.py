@@ -18,21 +18,14 @@ from app.imaging import load_tensor
 from app.metric.engine import Engine
 from app.metric.lpips import distance_from_features
 from app.metric.queries import Image
-from app.metric.store import ModelStore
 from tests.support import IMAGENET
+from tests.unit.conftest import BANK_MODELS
 
-MODELS = ["r-lpips-alex-linf-synth", "lpips-alex"]
-
-
-@pytest.fixture(scope="module")
-def engine(store: ModelStore) -> Engine:
-    eng = Engine(store, MODELS, torch.device("cpu"), 64)
-    eng.load()
-    return eng
+MODELS = BANK_MODELS
 
 
 @pytest.mark.parametrize("grid", [1, 2, 3, 5])
-def test_embedding_distance_is_a_lower_bound_of_lpips(engine: Engine, grid: int) -> None:
+def test_embedding_distance_is_a_lower_bound_of_lpips(bank_engine: Engine, grid: int) -> None:
     """For every pair of 20 images (natural, near copies, noise), ‖e_x − e_y‖² ≤ LPIPS(x, y) with
     both models; grid 3 and 5 split the 7×7 and 3×3 maps into unequal cells."""
     files = sorted(IMAGENET.glob("*.JPEG"))[:14]
@@ -44,8 +37,8 @@ def test_embedding_distance_is_a_lower_bound_of_lpips(engine: Engine, grid: int)
     n = len(images)
     i0, i1 = torch.triu_indices(n, n, 1)
     for model in MODELS:
-        feats = engine.image_features(model, images)
-        heads = engine.heads[model]
+        feats = bank_engine.image_features(model, images)
+        heads = bank_engine.heads[model]
         e = embed(heads, feats, grid)
         shapes = [(int(f.shape[2]), int(f.shape[3])) for f in feats]
         assert e.shape == (n, dimension(heads, shapes, grid))

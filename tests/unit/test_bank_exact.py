@@ -13,17 +13,10 @@ from app.imaging import load_tensor
 from app.metric.engine import Engine
 from app.metric.lpips import distance_from_features
 from app.metric.queries import Image
-from app.metric.store import ModelStore
 from tests.support import IMAGENET
+from tests.unit.conftest import BANK_MODELS
 
-MODELS = ["r-lpips-alex-linf-synth", "lpips-alex"]
-
-
-@pytest.fixture(scope="module")
-def engine(store: ModelStore) -> Engine:
-    eng = Engine(store, MODELS, torch.device("cpu"), 64)
-    eng.load()
-    return eng
+MODELS = BANK_MODELS
 
 
 def tensors(n: int, start: int) -> list[torch.Tensor]:
@@ -31,8 +24,8 @@ def tensors(n: int, start: int) -> list[torch.Tensor]:
     return [load_tensor(f.read_bytes(), 64) for f in files]
 
 
-def test_forward_pruned_drops_rows_and_keeps_the_others_features(engine: Engine) -> None:
-    trunk = engine.trunks[engine.trunk_of["lpips-alex"]]
+def test_forward_pruned_drops_rows_and_keeps_the_others_features(bank_engine: Engine) -> None:
+    trunk = bank_engine.trunks[bank_engine.trunk_of["lpips-alex"]]
     x = torch.stack(tensors(6, 40))
     full = trunk(x)
     seen: list[tuple[int, int]] = []
@@ -60,7 +53,7 @@ def test_forward_pruned_drops_rows_and_keeps_the_others_features(engine: Engine)
 
 @pytest.mark.parametrize("model", MODELS)
 def test_possible_matches_are_exactly_the_items_within_the_threshold(
-    engine: Engine, model: str
+    bank_engine: Engine, model: str
 ) -> None:
     """Queries: an image and its mirror (the mirror option); items: unrelated images and near copies
     of the query (darker, mirrored, noisy), at thresholds around their distances."""
@@ -74,10 +67,10 @@ def test_possible_matches_are_exactly_the_items_within_the_threshold(
         (q * 0.5).clamp(-1, 1),
     ]
     variants = [Image(q, "q"), Image(q.flip(-1), "q:m")]
-    feats = engine.image_features(model, variants)
+    feats = bank_engine.image_features(model, variants)
     queries = [[f[v : v + 1] for f in feats] for v in range(2)]
-    item_feats = engine.image_features(model, [Image(t, f"i{k}") for k, t in enumerate(items)])
-    heads = engine.heads[model]
+    item_feats = bank_engine.image_features(model, [Image(t, f"i{k}") for k, t in enumerate(items)])
+    heads = bank_engine.heads[model]
     with torch.inference_mode():
         n = len(items)
         d = torch.stack(
@@ -90,7 +83,7 @@ def test_possible_matches_are_exactly_the_items_within_the_threshold(
         ).amin(0)
     sizes = []
     for thr in sorted({*d.tolist()[-4:], 0.05, 0.3, float(d.max()) + 1}):
-        got = set(possible_matches(engine, model, queries, items, thr).tolist())
+        got = set(possible_matches(bank_engine, model, queries, items, thr).tolist())
         want = {k for k, v in enumerate(d.tolist()) if v <= thr}
         assert got == want, (thr, d.tolist())
         sizes.append(len(want))

@@ -18,17 +18,11 @@ from app.imaging import load_tensor
 from app.metric.engine import Engine
 from app.metric.lpips import distance_from_features
 from app.metric.queries import Image
-from app.metric.store import ModelStore
 from tests.support import IMAGENET
+from tests.support.tools import shipped_projection
+from tests.unit.conftest import BANK_MODELS
 
-MODELS = ["r-lpips-alex-linf-synth", "lpips-alex"]
-
-
-@pytest.fixture(scope="module")
-def engine(store: ModelStore) -> Engine:
-    eng = Engine(store, MODELS, torch.device("cpu"), 64)
-    eng.load()
-    return eng
+MODELS = BANK_MODELS
 
 
 def images() -> list[Image]:
@@ -43,17 +37,16 @@ def images() -> list[Image]:
 
 @pytest.mark.parametrize("grids", [(1, 1, 1, 1, 1), (6, 3, 1, 1, 1), (3, 5, 2, 1, 3)])
 def test_statistics_and_projections_are_lower_bounds(
-    engine: Engine, store: ModelStore, grids: tuple[int, ...]
+    bank_engine: Engine, grids: tuple[int, ...]
 ) -> None:
     """Every pair, both models: cells bound ≤ statistics bound ≤ LPIPS (same uniform grid), and a
     projection (the shipped one, or a random orthonormal basis) ≤ the statistics bound."""
     imgs = images()
     n = len(imgs)
     i0, i1 = torch.triu_indices(n, n, 1)
-    shipped = bp.load(store.resolve(store.model(MODELS[0]).bank_projection or ""))
     for model in MODELS:
-        feats = engine.image_features(model, imgs)
-        heads = engine.heads[model]
+        feats = bank_engine.image_features(model, imgs)
+        heads = bank_engine.heads[model]
         with torch.inference_mode():
             true = distance_from_features(heads, [f[i0] for f in feats], [f[i1] for f in feats])
         s = statistics(heads, feats, grids)
@@ -66,8 +59,8 @@ def test_statistics_and_projections_are_lower_bounds(
             assert float(stat.mean()) > 1.2 * float(cells.mean())  # the spreads add something
         gen = torch.Generator().manual_seed(len(grids))
         basis = bp.orthonormal(torch.randn(64, s.shape[1], generator=gen))
-        if model == MODELS[0] and grids == shipped.grids:
-            basis = shipped.basis
+        if model == MODELS[0] and grids == bp.ALEX_GRIDS:
+            basis = shipped_projection().basis
         p = project(basis, heads, feats, grids)
         proj = ((p[i0] - p[i1]) ** 2).sum(1)
         assert bool((proj <= stat * (1 + 1e-5) + 1e-6).all())
@@ -99,16 +92,16 @@ def test_fit_finds_dominant_directions_and_load_orthonormalises(tmp_path: Path) 
         bp.load(tmp_path / "bad.safetensors")
 
 
-def test_shipped_projection_tightens_the_bound(engine: Engine, store: ModelStore) -> None:
+def test_shipped_projection_tightens_the_bound(bank_engine: Engine) -> None:
     """The default model's projection (256 directions over 9,856 statistics) gives a larger (tighter)
     bound than 1,152 cell means at grid 1 on these images, though fitted at 256² and used here at 64²."""
     model = MODELS[0]
-    proj = bp.load(store.resolve(store.model(model).bank_projection or ""))
+    proj = shipped_projection()
     assert proj.grids == bp.ALEX_GRIDS and proj.basis.shape == (256, 9856)
     imgs = images()[:14]
     i0, i1 = torch.triu_indices(14, 14, 1)
-    feats = engine.image_features(model, imgs)
-    heads = engine.heads[model]
+    feats = bank_engine.image_features(model, imgs)
+    heads = bank_engine.heads[model]
     p = proj.embed(heads, feats)
     e = embed(heads, feats, 1)
     tight = ((p[i0] - p[i1]) ** 2).sum(1)
